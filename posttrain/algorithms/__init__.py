@@ -1,0 +1,18 @@
+"""One small module per algorithm family. An offline algorithm module provides:
+
+KIND                      the row schema it reads ("sft", "preference", "feedback")
+encode(row, tok, cfg, where) -> example or None (dropped by the truncation policy)
+Objective(cfg)            .weight(batch) and .loss(model, batch), see engine/loop.py
+"""
+
+from importlib import import_module
+
+from posttrain.errors import ConfigError
+
+OFFLINE = {"sft": "posttrain.algorithms.sft"}
+
+
+def get(name: str):
+    if name not in OFFLINE:
+        raise ConfigError(f"unknown algorithm {name!r}; available: {', '.join(OFFLINE)}")
+    return import_module(OFFLINE[name])

@@ -1,0 +1,197 @@
+"""The run directory: resolved config, manifest, metrics log.
+
+runs/NAME/
+  config.yaml      the resolved config, every default filled in
+  manifest.json    versions, git commit, seed, host, sha256 of every input, parent runs
+  metrics.jsonl    one JSON object per logged step
+  tensorboard/     the same scalars, when tensorboard is installed
+  checkpoints/     step-N/ (see checkpoint.py)
+  final/           save_pretrained output
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = (
+    "posttrain",
+    "torch",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "trl",
+)
+# Files that identify a model directory; weights are hashed so lineage survives a copy.
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_inputs(paths: list[str | Path]) -> dict[str, str]:
+    """sha256 of every file named (directories: every file in them, recursively)."""
+    out = {}
+    for p in map(Path, paths):
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            out[str(f)] = sha256_file(f)
+    return out
+
+
+def model_files(path: str | Path) -> list[Path]:
+    """The files that define a local model directory (weights included); [] for a hub name."""
+    p = Path(path)
+    if not p.is_dir():
+        return []
+    names = set(MODEL_FILES)
+    return sorted(
+        f for f in p.iterdir() if f.is_file() and (f.name in names or f.suffix in (".safetensors", ".bin"))
+    )
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD of the git repository the run was launched from (the user's project), if any."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
+        return out + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def parent_runs(paths: list[str | Path]) -> list[str]:
+    """Run directories that produced any of these inputs (a model at RUN/final, a file inside RUN)."""
+    parents = []
+    for p in map(Path, paths):
+        for d in [p, *p.resolve().parents][:4]:
+            if (d / "manifest.json").is_file() and d.resolve() not in parents:
+                parents.append(d.resolve())
+                break
+    return [str(p) for p in parents]
+
+
+class Run:
+    """A run directory. Only the main process writes (`write=False` on the others)."""
+
+    def __init__(self, path: str | Path, *, write: bool = True):
+        self.path = Path(path)
+        self.write = write
+        self._tb = None
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+    metrics_file = property(lambda self: self.path / "metrics.jsonl")
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.write:
+            (self.path / name).write_text(text)
+
+    def write_manifest(
+        self, *, config: dict, seed: int, inputs: list[str | Path], models: list[str], **extra
+    ) -> dict:
+        """manifest.json: what an auditor needs to reproduce or trace this run."""
+        model_inputs = [f for m in models for f in model_files(m)]
+        manifest = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": sys.argv,
+            "algorithm": config.get("algorithm"),
+            "seed": seed,
+            "versions": versions(),
+            "git_commit": git_commit(),
+            "host": {"name": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+            "models": models,
+            "inputs": hash_inputs([*inputs, *model_inputs]),
+            "parents": parent_runs([*inputs, *models]),
+            **extra,
+        }
+        self.write_text("manifest.json", json.dumps(manifest, indent=2))
+        return manifest
+
+    def update_manifest(self, **fields) -> None:
+        if not self.write:
+            return
+        path = self.path / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest.update(fields)
+        path.write_text(json.dumps(manifest, indent=2))
+
+    # ------------------------------------------------------------------ metrics
+
+    def open_metrics(self, *, resume_step: int | None, tensorboard: bool) -> None:
+        """Start the metrics log. On resume, drop lines logged after the checkpoint we resume from:
+        those steps are about to be run again and would otherwise appear twice."""
+        if not self.write:
+            return
+        if resume_step is not None and self.metrics_file.exists():
+            kept = [
+                line
+                for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and self.metrics_file.exists():
+            self.metrics_file.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+            except ImportError:  # tensorboard not installed: the jsonl log is enough
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.write:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )

@@ -1,0 +1,115 @@
+"""Load tokenizers and causal LMs (local path or hub name), optionally with a LoRA adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from posttrain.config import LoraConfig, ModelConfig
+from posttrain.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def _check_source(name: str, what: str) -> None:
+    """A name that looks like a path must exist; offline, a hub name cannot be fetched.
+
+    transformers would raise a long OSError about the hub for a mistyped local path; a user
+    deserves to hear that the directory is not there.
+    """
+    # Hub names are "name" or "org/name"; anything else is a path.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise ConfigError(f"{what} not found: {name} (no such directory)")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.path
+    _check_source(name, "tokenizer path")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"cannot load tokenizer {name!r}: {e}") from None
+    if tok.pad_token is None:
+        # Padding positions are masked everywhere, so any id will do; eos is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, *, trainable: bool = True):
+    """The causal LM, with LoRA and gradient checkpointing applied as configured."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(cfg.path, "model path")
+    kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"cannot load model {cfg.path!r}: {e}") from None
+    model.config.use_cache = False  # training: a KV cache only costs memory (and disables packed masks)
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
+    if not trainable:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def add_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_final(model, tokenizer, out: Path) -> dict[str, str]:
+    """Write a model that plain transformers loads. For LoRA, the adapter goes to
+    out/adapter (loadable with peft) and the merged full model to out itself."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"final": str(out)}
+    if is_peft(model):
+        model.save_pretrained(out / "adapter")
+        written["adapter"] = str(out / "adapter")
+        model = model.merge_and_unload()
+    model.config.use_cache = True  # for generation by whoever loads it
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return written
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def forward_logits(model, batch: dict) -> torch.Tensor:
+    """Logits [R, L, V] of a collated batch, padded or packed.
+
+    Packed batches carry no attention_mask: transformers then reads sequence boundaries from
+    the restarting position_ids. use_cache=False matters: a KV cache disables that detection.
+    """
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    return model(**kwargs).logits

@@ -1,0 +1,155 @@
+"""Run one offline stage: rows -> examples -> the loop -> final/.
+
+    result = posttrain.train("examples/sft.yaml", overrides=["train.max_steps=100"])
+
+Works the same under `accelerate launch` (each process builds the same examples and plan;
+the loop shards every global batch over processes); only the main process writes files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from posttrain import algorithms
+from posttrain.config import RunConfig, dump_config, load_config
+from posttrain.data.batching import collate, packing_supported, plan_batches
+from posttrain.data.schemas import load_rows
+from posttrain.engine.loop import LoopData, train_loop
+from posttrain.engine.run import Run
+from posttrain.errors import DataError
+from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    final: Path | None  # None when the run was interrupted before the end
+    step: int
+    metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+    interrupted: str | None = None
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16_gpu else "fp32"
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+
+
+def files(spec: str | list[str] | None) -> list[str]:
+    return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
+
+
+def encode_files(paths: list[str], algo, tokenizer, cfg: RunConfig, *, max_errors: int = 20) -> list:
+    """Validate and encode every row of every file; all problems are reported together,
+    before any model is loaded, so that a bad row costs seconds, not a run."""
+    examples, errors, dropped = [], [], 0
+    for path in paths:
+        for loc, row in load_rows(path, algo.KIND):
+            try:
+                ex = algo.encode(row, tokenizer, cfg, str(loc))
+            except DataError as e:
+                errors.append(str(e))
+                continue
+            if ex is None:
+                dropped += 1
+            else:
+                examples.append(ex)
+    if errors:
+        more = f"\n  ... and {len(errors) - max_errors} more" if len(errors) > max_errors else ""
+        raise DataError(f"{len(errors)} row(s) cannot be used:\n  " + "\n  ".join(errors[:max_errors]) + more)
+    if dropped:
+        print(f"note: {dropped} row(s) longer than data.max_length={cfg.data.max_length} were dropped")
+    if not examples:
+        raise DataError(f"{', '.join(paths)}: no usable rows left")
+    return examples
+
+
+def loop_data(examples: list, cfg: RunConfig, pad_id: int, packing: bool) -> LoopData:
+    lengths = [len(ex.input_ids) for ex in examples]
+    group = cfg.data.group_by_length and not packing
+
+    def plan(epoch: int) -> list[list[int]]:
+        return plan_batches(
+            lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch, group_by_length=group
+        )
+
+    def make(ix: list[int]) -> dict:
+        return collate(
+            [examples[i] for i in ix], pad_id=pad_id, packing=packing, max_length=cfg.data.max_length
+        )
+
+    def tokens(batch: dict) -> int:
+        return int((batch["example_index"] >= 0).sum())
+
+    return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples))
+
+
+def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
+    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    algo = algorithms.get(cfg.algorithm)
+    accelerator = make_accelerator(cfg.train.precision)
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    run = Run(cfg.out, write=accelerator.is_main_process)
+    say = accelerator.print
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
+    examples = encode_files(train_files, algo, tokenizer, cfg)
+    eval_examples = encode_files(eval_files, algo, tokenizer, cfg) if eval_files else None
+
+    model = load_model(cfg.model)
+    packing = cfg.data.packing
+    if packing and not packing_supported(model):
+        say(f"note: {type(model).__name__} does not honour per-sequence position ids; using padded batches")
+        packing = False
+    trainable, total = count_parameters(model)
+    say(
+        f"{cfg.algorithm}: {len(examples)} examples, model {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
+    )
+
+    run.write_text("config.yaml", dump_config(cfg))
+    run.write_manifest(
+        config=cfg.model_dump(mode="json"),
+        seed=cfg.train.seed,
+        inputs=train_files + eval_files,
+        models=[cfg.model.path],
+        data={"train_examples": len(examples), "eval_examples": len(eval_examples or []), "packing": packing},
+        parameters={"total": total, "trainable": trainable},
+        processes=accelerator.num_processes,
+    )
+    pad_id = tokenizer.pad_token_id
+    result = train_loop(
+        cfg.train,
+        accelerator=accelerator,
+        model=model,
+        objective=algo.Objective(cfg),
+        data=loop_data(examples, cfg, pad_id, packing),
+        eval_data=loop_data(eval_examples, cfg, pad_id, packing) if eval_examples else None,
+        run=run,
+        resume=resume,
+    )
+    final = None
+    if result.interrupted is None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = run.final
+            save_final(accelerator.unwrap_model(model), tokenizer, final)
+            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
+        accelerator.wait_for_everyone()
+    return StageResult(
+        run_dir=run.path,
+        final=final,
+        step=result.step,
+        metrics=result.metrics,
+        eval_metrics=result.eval_metrics,
+        interrupted=result.interrupted,
+    )

@@ -11,13 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from posttrain import algorithms
 from posttrain.config import RunConfig, dump_config, load_config
 from posttrain.data.batching import collate, packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
-from posttrain.engine.loop import LoopData, train_loop
+from posttrain.engine.loop import LoopData, make_accelerator, train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import DataError
 from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
@@ -31,15 +29,6 @@ class StageResult:
     metrics: dict = field(default_factory=dict)
     eval_metrics: dict = field(default_factory=dict)
     interrupted: str | None = None
-
-
-def make_accelerator(precision: str):
-    from accelerate import Accelerator
-
-    if precision == "auto":
-        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        precision = "bf16" if bf16_gpu else "fp32"
-    return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
 
 
 def files(spec: str | list[str] | None) -> list[str]:

@@ -17,6 +17,7 @@ import contextlib
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -75,6 +76,15 @@ class _Schedule:
 
     def __call__(self, step: int) -> float:
         return lr_lambda(step, **self.kw)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16_gpu else "fp32"
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -251,7 +261,9 @@ def train_loop(
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_streak = 0
             lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
             state.step += 1
             state.batch_in_epoch += 1
             state.tokens += int(stats[1].item())

@@ -1,0 +1,69 @@
+import pytest
+
+from posttrain.config import apply_override, dump_config, load_config
+from posttrain.errors import ConfigError
+
+BASE = {"algorithm": "sft", "out": "runs/x", "model": {"path": "m"}, "data": {"train": "t.jsonl"}}
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = write(
+        tmp_path, "algorithm: sft\nout: r\nmodel: {path: m}\ndata: {train: t.jsonl}\ntrain: {lr: 1.0e-3}\n"
+    )
+    cfg = load_config(
+        p, ["train.lr=5e-4", "train.betas=[0.9, 0.99]", "data.packing=false", "train.max_steps=7"]
+    )
+    assert cfg.train.lr == 5e-4 and cfg.train.betas == (0.9, 0.99)
+    assert cfg.data.packing is False and cfg.train.max_steps == 7
+    assert cfg.train.batch_size == 32  # default filled in
+
+
+def test_misspelled_key_names_key_and_suggestion(tmp_path):
+    p = write(tmp_path, "algorithm: sft\nout: r\nmodel: {path: m}\ndata: {train: t}\ntrain: {lrr: 1.0e-3}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "c.yaml" in msg and "unknown key 'train.lrr'" in msg and "did you mean 'train.lr'" in msg
+
+
+def test_misspelled_section_and_override(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'data'"):
+        load_config({**BASE, "dta": {}})
+    with pytest.raises(ConfigError, match="did you mean 'train.warmup_steps'"):
+        load_config(BASE, ["train.warmup_step=3"])
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ConfigError, match="valid keys here: .*path"):
+        load_config({**BASE, "model": {"path": "m", "zzz": 1}})
+
+
+def test_bad_values_and_missing_keys():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(BASE, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="missing required key 'model'"):
+        load_config({k: v for k, v in BASE.items() if k != "model"})
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(BASE, ["train.batch_size=4", "train.micro_batch_size=8"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "train.lr")
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1, 2\n"))
+
+
+def test_dump_roundtrip():
+    cfg = load_config(BASE, ["train.lr=3e-4"])
+    import yaml
+
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg

@@ -42,9 +42,9 @@ def plan_batches(
         batch_size: examples per global batch (before splitting across devices / micro-batches).
         seed, epoch: the plan is a pure function of these (and the other args), so resuming is exact.
         group_by_length: put similar lengths together to cut padding (HF-style megabatches: shuffle,
-            cut into chunks of 50 batches, sort each chunk by length, cut into batches). The batch with
-            the longest example goes first so an out-of-memory error shows at step 0, not hours in; the
-            other full batches are shuffled so lengths do not trend within an epoch.
+            cut into chunks of 50 batches, sort each chunk by length, cut into batches). The full batch
+            with the longest example goes first, so an out-of-memory error shows at step 0, not hours
+            in; the other full batches are shuffled so lengths do not trend within an epoch.
         drop_last: drop the final batch if it is smaller than `batch_size`.
 
     Returns:

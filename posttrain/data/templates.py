@@ -199,10 +199,9 @@ def _tokenize_with_offsets(tokenizer, text: str):
 
 
 def _end_of_turn_ids(tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab)
-    return ids
+    # convert_tokens_to_ids, not get_vocab(): the latter builds a dict of the whole vocabulary per call.
+    candidates = [tokenizer.eos_token_id, *map(tokenizer.convert_tokens_to_ids, _END_OF_TURN_TOKENS)]
+    return {i for i in candidates if i is not None and i != tokenizer.unk_token_id}
 
 
 def _assistant_spans(mask: list[bool]) -> list[tuple[int, int]]:

@@ -28,7 +28,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.path
-    _check_source(name, "tokenizer path")
+    _check_source(name, "tokenizer path" if cfg.tokenizer else "model path")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:

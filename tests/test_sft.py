@@ -15,7 +15,6 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
-from posttrain.config import load_config
 from posttrain.engine.run import read_metrics
 from posttrain.eval.generation import accuracy
 from posttrain.tasks import arithmetic
@@ -39,7 +38,14 @@ def config(task, out, **train):
         "out": str(out),
         "model": {"path": str(task / "tiny")},
         "data": {"train": str(task / "sft.jsonl"), "max_length": 64},
-        "train": {"lr": 3e-3, "batch_size": 32, "max_steps": 8, "progress": False, "tensorboard": False, **train},
+        "train": {
+            "lr": 3e-3,
+            "batch_size": 32,
+            "max_steps": 8,
+            "progress": False,
+            "tensorboard": False,
+            **train,
+        },
     }
 
 
@@ -55,9 +61,13 @@ def test_sft_raises_held_out_accuracy(task, tmp_path):
     from transformers import AutoTokenizer
 
     before = accuracy(model, AutoTokenizer.from_pretrained(tiny), rows)
-    cfg = config(task, tmp_path / "sft", max_steps=250, batch_size=64, warmup_steps=10, lr=3e-3, betas=[0.9, 0.98])
+    cfg = config(
+        task, tmp_path / "sft", max_steps=250, batch_size=64, warmup_steps=10, lr=3e-3, betas=[0.9, 0.98]
+    )
     res = train(cfg)
-    after = accuracy(AutoModelForCausalLM.from_pretrained(res.final), AutoTokenizer.from_pretrained(res.final), rows)
+    after = accuracy(
+        AutoModelForCausalLM.from_pretrained(res.final), AutoTokenizer.from_pretrained(res.final), rows
+    )
     assert before < 0.05 and after > before + 0.4, (before, after)
     manifest = json.loads((res.run_dir / "manifest.json").read_text())
     assert str(task / "sft.jsonl") in manifest["inputs"] and manifest["versions"]["torch"]
@@ -75,7 +85,17 @@ def test_lora_trains_adapter_and_writes_merged_model(task, tmp_path):
 
 def test_packing_and_padding_give_the_same_training(task, tmp_path):
     packed = train(config(task, tmp_path / "p", max_steps=3))
-    padded = train(config(task, tmp_path / "q", max_steps=3) | {"data": {"train": str(task / "sft.jsonl"), "max_length": 64, "packing": False, "group_by_length": False}})
+    padded = train(
+        config(task, tmp_path / "q", max_steps=3)
+        | {
+            "data": {
+                "train": str(task / "sft.jsonl"),
+                "max_length": 64,
+                "packing": False,
+                "group_by_length": False,
+            }
+        }
+    )
     lp = [m["loss"] for m in read_metrics(packed.run_dir)]
     lq = [m["loss"] for m in read_metrics(padded.run_dir)]
     assert lp == pytest.approx(lq, rel=1e-4)
@@ -84,20 +104,28 @@ def test_packing_and_padding_give_the_same_training(task, tmp_path):
 def test_cli_bad_inputs_exit_2_with_clear_messages(task, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = json.dumps(arithmetic.sft_rows(1)[0])
-    bad.write_text(good + "\n" + '{"messages": [{"role": "user", "content": "1+1"}, {"role": "asistant", "content": "2"}]}\n')
+    bad.write_text(
+        good
+        + "\n"
+        + '{"messages": [{"role": "user", "content": "1+1"}, {"role": "asistant", "content": "2"}]}\n'
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(config(task, tmp_path / "r") | {"data": {"train": str(bad)}}))
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "role" in err
 
-    cfg.write_text(yaml.safe_dump(config(task, tmp_path / "r") | {"model": {"path": str(tmp_path / "missing")}}))
+    cfg.write_text(
+        yaml.safe_dump(config(task, tmp_path / "r") | {"model": {"path": str(tmp_path / "missing")}})
+    )
     assert main(["train", str(cfg)]) == 2
     assert "model path not found" in capsys.readouterr().err
 
     long_row = {"messages": [{"role": "user", "content": "1+" * 40}, {"role": "assistant", "content": "3"}]}
     bad.write_text(good + "\n" + json.dumps(long_row) + "\n")
-    cfg.write_text(yaml.safe_dump(config(task, tmp_path / "r") | {"data": {"train": str(bad), "max_length": 32}}))
+    cfg.write_text(
+        yaml.safe_dump(config(task, tmp_path / "r") | {"data": {"train": str(bad), "max_length": 32}})
+    )
     assert main(["train", str(cfg)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
 
@@ -106,7 +134,20 @@ def test_cli_bad_inputs_exit_2_with_clear_messages(task, tmp_path, capsys):
 
 
 def test_data_validate_cli(task, capsys):
-    assert main(["data", "validate", str(task / "sft.jsonl"), "--tokenizer", str(task / "tiny"), "--max-length", "12"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "validate",
+                str(task / "sft.jsonl"),
+                "--tokenizer",
+                str(task / "tiny"),
+                "--max-length",
+                "12",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3000 valid sft rows" in out and "longer than 12" in out
 
@@ -125,7 +166,12 @@ def test_sigkill_then_resume_matches_uninterrupted(task, tmp_path):
     subprocess.run(_cli("train", str(cfg)), check=True, env=_env(), capture_output=True)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cli("train", str(cfg), "--out", str(cut)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli("train", str(cfg), "--out", str(cut)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (cut / "checkpoints" / "step-10" / "COMPLETE").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
@@ -133,7 +179,9 @@ def test_sigkill_then_resume_matches_uninterrupted(task, tmp_path):
     proc.send_signal(signal.SIGKILL)  # no chance to save anything: resume must use step-10 (or later)
     proc.wait()
     assert not (cut / "final").exists()
-    done = subprocess.run(_cli("train", str(cfg), "--out", str(cut), "--resume"), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        _cli("train", str(cfg), "--out", str(cut), "--resume"), env=_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed from" in done.stdout + done.stderr
     assert torch.equal(weights(tmp_path / "whole" / "final"), weights(cut / "final"))
@@ -151,7 +199,10 @@ def test_accelerate_two_processes_match_one(task, tmp_path):
     # global batch 32 either way: one process x 2 micro-batches of 16, or two processes x 1
     cfg.write_text(yaml.safe_dump(config(task, tmp_path / "one", max_steps=6, micro_batch_size=16)))
     subprocess.run(_cli("train", str(cfg)), check=True, env=_env(), capture_output=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # On a machine without GPUs, `--multi_gpu` makes accelerate start torchrun; posttrain's
+    # Accelerator(cpu=True) then joins a gloo process group. (`--cpu --num_processes 2` alone
+    # starts ONE process unless an MPI hostfile is given.)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               "-m", "posttrain", "train", str(cfg), "--out", str(tmp_path / "two")]  # fmt: skip
     done = subprocess.run(launch, env=_env(), capture_output=True, text=True, timeout=300)

@@ -84,7 +84,10 @@ def make_accelerator(precision: str):
     if precision == "auto":
         bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16_gpu else "fp32"
-    return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
+    # With no accelerator device, say so: accelerate then runs several processes (torchrun or
+    # `accelerate launch --multi_gpu`) as CPU data-parallel over gloo instead of as copies.
+    no_device = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=no_device)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

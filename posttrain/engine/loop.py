@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -190,12 +191,10 @@ def train_loop(
     fp16 = accelerator.mixed_precision == "fp16"
     device = accelerator.device
     result = LoopResult(step=state.step)
-    bar = tqdm(
-        total=total,
-        initial=state.step,
-        disable=not (cfg.progress and accelerator.is_main_process),
-        unit="step",
-    )
+    show = cfg.progress and accelerator.is_main_process
+    # In a log file (no terminal) a bar redrawn ten times a second is noise: redraw rarely.
+    redraw = 0.1 if sys.stderr.isatty() else 30
+    bar = tqdm(total=total, initial=state.step, disable=not show, unit="step", mininterval=redraw)
     with _Signals() as signals:
         while state.step < total:
             plan = batches(state.epoch)

@@ -277,11 +277,11 @@ def _chat_tokenizer():
     return build_tokenizer()  # only to render the chat template, the one source of the format
 
 
-def _plain_document(rng: random.Random, max_chars: int) -> tuple[str, list[Problem]]:
+def _plain_document(rng: random.Random, max_chars: int, levels: Sequence[str]) -> tuple[str, list[Problem]]:
     n_lines = rng.randint(3, 8)
     lines, problems = [], []
     while len(lines) < n_lines:
-        problem = sample_train(rng)
+        problem = sample_train(rng, levels)
         line = plain_text(problem)
         if lines and len("\n".join(lines + [line])) > max_chars:
             break
@@ -290,30 +290,35 @@ def _plain_document(rng: random.Random, max_chars: int) -> tuple[str, list[Probl
     return "\n".join(lines), problems
 
 
-def _chat_document(rng: random.Random) -> tuple[str, list[Problem]]:
-    problems = [sample_train(rng) for _ in range(rng.randint(1, 3))]
+def _chat_document(rng: random.Random, levels: Sequence[str]) -> tuple[str, list[Problem]]:
+    problems = [sample_train(rng, levels) for _ in range(rng.randint(1, 3))]
     messages = []
     for problem in problems:
         messages += _user(problem.question) + [{"role": "assistant", "content": problem.answer}]
     return _chat_tokenizer().apply_chat_template(messages, tokenize=False), problems
 
 
-def _documents(n_docs: int, seed: int, chat_fraction: float, max_chars: int):
+def _documents(n_docs: int, seed: int, chat_fraction: float, max_chars: int, levels: Sequence[str] = LEVELS):
     """Yield ``(text, problems)`` per document; the problems let tests check the keys."""
     rng = random.Random(f"pretrain-{seed}")
     for _ in range(n_docs):
         if rng.random() < chat_fraction:
-            yield _chat_document(rng)
+            yield _chat_document(rng, levels)
         else:
-            yield _plain_document(rng, max_chars)
+            yield _plain_document(rng, max_chars, levels)
 
 
 def pretrain_corpus(
-    n_docs: int, *, seed: int = 0, chat_fraction: float = 0.1, max_chars: int = 240
+    n_docs: int,
+    *,
+    seed: int = 0,
+    chat_fraction: float = 0.3,
+    max_chars: int = 240,
+    levels: Sequence[str] = LEVELS,
 ) -> list[dict]:
     """``{"text": ...}`` documents for pretraining the tiny base model.
 
-    Most documents are a few lines of plain solved problems from all levels
+    Most documents are a few lines of plain solved problems from ``levels``
     (:func:`plain_text`); a ``chat_fraction`` of them are 1-3 question/answer turns
     rendered with the chat template ("<|user|>12+35<|end|><|assistant|>47<|end|>"), so
     the base model has met the chat format (and learnt to stop after ``<|end|>``) before
@@ -323,7 +328,7 @@ def pretrain_corpus(
         max_chars: plain documents stop adding lines before passing this length, so that a
             document is never cut by a 256-token context (the tokenizer is char-level).
     """
-    docs = _documents(n_docs, seed, chat_fraction, max_chars)
+    docs = _documents(n_docs, seed, chat_fraction, max_chars, _check_levels(levels))
     return [{"text": text} for text, _ in docs]
 
 
@@ -353,6 +358,7 @@ def write_task_files(
     n_prompts: int = 20_000,
     n_pretrain_docs: int = 20_000,
     seed: int = 0,
+    levels: Sequence[str] = LEVELS,
 ) -> dict[str, Path]:
     """Write the task's jsonl files into ``out_dir``.
 
@@ -363,9 +369,9 @@ def write_task_files(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {
-        "sft_train": sft_rows(n_sft, seed=seed),
-        "prompts_train": prompt_rows(n_prompts, seed=seed),
-        "eval": eval_rows(),
-        "pretrain": pretrain_corpus(n_pretrain_docs, seed=seed),
+        "sft_train": sft_rows(n_sft, seed=seed, levels=levels),
+        "prompts_train": prompt_rows(n_prompts, seed=seed, levels=levels),
+        "eval": eval_rows(levels),
+        "pretrain": pretrain_corpus(n_pretrain_docs, seed=seed, levels=levels),
     }
     return {name: _write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in tables.items()}

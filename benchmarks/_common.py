@@ -1,0 +1,155 @@
+"""Helpers shared by the side-by-side benchmarks (SFT now; DPO and GRPO next).
+
+Every benchmark runs each framework in its own child process, so that the peak resident
+memory of one framework is not polluted by the other's imports, models or caches. A child
+prints one line ``RESULT {json}``; the parent collects them with :func:`run_child`.
+
+Timing follows one definition for every framework: the wall time between the end of
+warm-up step W and the end of step W + N (:func:`measured_window`), so data collation,
+forward, backward, clipping, the optimiser step and per-step bookkeeping all count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = "RESULT "
+
+# Benchmarks never reach the network: models and data are built locally.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS reports bytes
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """CPU cores kept busy by every process on the machine over the next `seconds` (Linux only).
+
+    The parent calls it while idle, just before starting a child: anything above ~0.2 is another
+    program competing for the cores. With torch's threads pinned to the core count, a competitor
+    does not slow a run proportionally: threads wait for each other at every parallel region,
+    and steps of a small model can come out several times slower. Returns None off Linux.
+    """
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = snapshot()
+        time.sleep(seconds)
+        total1, idle1 = snapshot()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (os.cpu_count() or 1) * (total - (idle1 - idle0)) / total if total > 0 else None
+
+
+def wait_until_quiet(limit: float, max_wait: float) -> float | None:
+    """Poll :func:`busy_cores` until at most `limit` cores are busy or `max_wait` seconds have
+    passed; returns the last reading (None off Linux)."""
+    deadline = time.monotonic() + max_wait
+    busy = busy_cores()
+    while busy is not None and busy > limit and time.monotonic() < deadline:
+        busy = busy_cores(5.0)
+    return busy
+
+
+def setup_child(threads: int) -> None:
+    """Pin the intra-op thread count (before any model work) and make sure nothing goes online."""
+    os.environ.update(OFFLINE_ENV)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def emit_result(result: dict) -> None:
+    """Print the child's one result line (the parent reads the last such line)."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: str, spec: dict, *, timeout: float | None = None) -> dict:
+    """Run ``python script --child <spec json>`` and return its result dict.
+
+    A child that crashes or prints no result line gives ``{"error": ...}`` with the tail of
+    its output, so one failing framework does not hide the others' numbers.
+    """
+    cmd = [sys.executable, script, "--child", json.dumps(spec)]
+    env = {**os.environ, **OFFLINE_ENV}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        return {"error": f"exit code {proc.returncode}", "output_tail": tail}
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["child_wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def measured_window(end_times: list[float], tokens: list[int], warmup: int, steps: int) -> dict:
+    """Throughput over steps warmup+1 .. warmup+steps.
+
+    Args:
+        end_times: wall-clock time (s) at the end of each step, step 1 first.
+        tokens: non-padding tokens processed in each step, step 1 first.
+        warmup, steps: W warm-up steps excluded, N measured steps.
+
+    Returns:
+        ``{"s_per_step", "tokens_per_s", "measured_tokens", "measured_s"}``; the window runs from
+        the end of step W to the end of step W + N, so it holds exactly the N measured steps.
+    """
+    if len(end_times) < warmup + steps or len(tokens) < warmup + steps:
+        raise ValueError(f"need {warmup + steps} steps, got {len(end_times)} times and {len(tokens)} counts")
+    if warmup < 1:
+        raise ValueError("warmup must be >= 1: the window starts at the end of step W")
+    seconds = end_times[warmup + steps - 1] - end_times[warmup - 1]
+    n_tokens = sum(tokens[warmup : warmup + steps])
+    return {
+        "s_per_step": seconds / steps,
+        "tokens_per_s": n_tokens / seconds,
+        "measured_tokens": n_tokens,
+        "measured_s": seconds,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def trl_step_clock():
+    """A transformers ``TrainerCallback`` that stamps ``time.perf_counter()`` at the beginning and
+    end of every optimiser step (``begin_times``, ``end_times``). Built lazily, so that importing
+    this module does not import transformers."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.begin_times: list[float] = []
+            self.end_times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.begin_times.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end_times.append(time.perf_counter())
+
+    return StepClock()

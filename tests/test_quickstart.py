@@ -1,0 +1,32 @@
+"""The quickstart: a smoke run on tiny budgets (fast), and the real thing (slow)."""
+
+import json
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.quickstart import LEVELS, Budget, quickstart
+
+
+def test_quickstart_smoke_and_reuse(tmp_path, capsys):
+    budget = Budget(base_steps=6, sft_steps=4, eval_per_level=8)
+    summary = quickstart(tmp_path, budget=budget)
+    table = summary["held_out_exact_match"]
+    assert set(table) == {"base", "sft"} and set(table["sft"]) == {*LEVELS, "all"}
+    assert all(0.0 <= v <= 1.0 for stage in table.values() for v in stage.values())
+    for stage in ("base", "sft"):
+        assert (tmp_path / stage / "final" / "config.json").exists()
+        assert (tmp_path / stage / "manifest.json").exists()
+    sft_manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
+    assert str((tmp_path / "base").resolve()) in sft_manifest["parents"]  # lineage: sft <- base
+    out = capsys.readouterr().out
+    assert "held-out exact match" in out and "add2" in out
+    quickstart(tmp_path, budget=budget)  # finished stages are reused, not re-run
+    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 2
+
+
+@pytest.mark.slow
+def test_quickstart_sft_clearly_beats_base(tmp_path):
+    assert main(["quickstart", "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "summary.json").read_text())["held_out_exact_match"]
+    assert table["sft"]["all"] >= table["base"]["all"] + 0.15, table

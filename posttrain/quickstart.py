@@ -34,7 +34,7 @@ class Budget:
     demo to a few minutes on 2 CPU cores."""
 
     base_steps: int = 400
-    sft_steps: int = 300
+    sft_steps: int = 500
     eval_per_level: int = 200
 
 

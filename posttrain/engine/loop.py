@@ -81,12 +81,17 @@ class _Schedule:
 
 def make_accelerator(precision: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     if precision == "auto":
         bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         precision = "bf16" if bf16_gpu else "fp32"
     # With no accelerator device, say so: accelerate then runs several processes (torchrun or
     # `accelerate launch --multi_gpu`) as CPU data-parallel over gloo instead of as copies.
+    # One process may run several stages (quickstart, pipelines, tests) with different precisions;
+    # accelerate keeps its settings in a singleton, so start each stage from a clean one. The
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     no_device = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=no_device)
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import string
-
 import pytest
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from posttrain.data.templates import (
@@ -16,9 +13,9 @@ from posttrain.data.templates import (
     to_example,
 )
 from posttrain.errors import DataError
+from posttrain.tasks.tiny import build_tokenizer
 
-# Same shape as posttrain/tasks' tiny tokenizer, built here so these tests do not depend on it.
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Templates for the bundled tokenizer's special tokens: with {% generation %} markers, and without.
 MARKED = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
@@ -45,21 +42,8 @@ CHAT_2 = [
 
 
 def make_tokenizer(template: str | None = MARKED) -> PreTrainedTokenizerFast:
-    """Char-level fast tokenizer: one token per character, roles as single special tokens."""
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for c in string.printable[:95] + "\n":
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="<|end|>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=SPECIALS[4:],
-    )
+    """The bundled char-level tokenizer (roles are single special tokens) with `template`."""
+    tok = build_tokenizer()
     tok.chat_template = template
     return tok
 

@@ -10,11 +10,18 @@ that each framework's peak RSS is its own.
 
 Variants:
     posttrain                  posttrain's defaults: padding-free packing into rows of max_length
-    posttrain-padded           data.packing=false: one example per row, right-padded (length-grouped,
-                               posttrain's padded default)
-    trl                        SFTTrainer, padded batches (TRL's default)
+    posttrain-padded           data.packing=false: one example per row, right-padded, batches of
+                               similar lengths (posttrain's padded default, data.group_by_length)
+    posttrain-padded-random    data.packing=false, data.group_by_length=false: random batches padded
+                               to their longest example, the same padding as TRL's default
+    trl                        SFTTrainer, padded random batches (TRL's default)
     trl-padding-free           SFTTrainer with padding_free=True (the batch as one row; needs
                                max_length=None without packing: we check no row exceeds it instead)
+    trl-grouped                (not run by default) train_sampling_strategy="group_by_length"
+
+Read the posttrain rows top to bottom against ``trl``: padded-random shows the loops alone on the
+same padding, padded adds length grouping, the default adds packing. ``fill`` is the share of
+token positions that are real tokens: what padding costs.
 
 Same work for everyone: arithmetic chat rows from ``posttrain.tasks.arithmetic.sft_rows`` (one
 user and one assistant turn; posttrain reads them as jsonl ``messages``, TRL as conversational
@@ -71,9 +78,12 @@ BUSY_LIMIT = 0.3  # cores kept busy by other programs before a run is flagged as
 VARIANTS: dict[str, dict] = {
     "posttrain": {"framework": "posttrain", "packing": True},
     "posttrain-padded": {"framework": "posttrain", "packing": False},
-    "trl": {"framework": "trl", "padding_free": False},
+    "posttrain-padded-random": {"framework": "posttrain", "packing": False, "group_by_length": False},
+    "trl": {"framework": "trl"},
     "trl-padding-free": {"framework": "trl", "padding_free": True},
+    "trl-grouped": {"framework": "trl", "group_by_length": True},
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "trl-grouped"]
 BASELINE = "trl"  # ratios are against this variant
 
 METHOD = (
@@ -108,7 +118,12 @@ def child_posttrain(spec: dict) -> dict:
         "algorithm": "sft",
         "out": spec["run_dir"],
         "model": {"path": spec["model"]},
-        "data": {"train": spec["data"], "max_length": MAX_LENGTH, "packing": spec["packing"]},
+        "data": {
+            "train": spec["data"],
+            "max_length": MAX_LENGTH,
+            "packing": spec["packing"],
+            "group_by_length": spec.get("group_by_length", True),
+        },
         "train": {
             "lr": LR,
             "batch_size": BATCH,
@@ -186,7 +201,8 @@ def child_trl(spec: dict) -> dict:
     """SFTTrainer in its best CPU settings, timed by a callback at every step end."""
     from trl import SFTConfig, SFTTrainer
 
-    padding_free = spec["padding_free"]
+    padding_free = spec.get("padding_free", False)
+    grouped = spec.get("group_by_length", False)
     args = SFTConfig(
         output_dir=spec["run_dir"],
         max_steps=spec["warmup"] + spec["steps"],
@@ -197,6 +213,7 @@ def child_trl(spec: dict) -> dict:
         # padding_free without packing refuses a max_length; the parent checks no row exceeds it.
         max_length=None if padding_free else MAX_LENGTH,
         padding_free=padding_free,
+        train_sampling_strategy="group_by_length" if grouped else "random",
         use_cpu=True,
         bf16=False,
         fp16=False,
@@ -357,7 +374,9 @@ def print_table(all_results: dict) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="tiny,small", help="comma-separated model sizes (tiny, small)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from {list(VARIANTS)}"
+    )
     p.add_argument("--steps", type=int, default=30, help="measured steps N")
     p.add_argument("--warmup", type=int, default=5, help="warm-up steps W, excluded from the figures")
     p.add_argument("--out", default="benchmarks/results/sft.json", help="JSON results file")

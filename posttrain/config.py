@@ -133,17 +133,59 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="Show a progress bar.")
 
 
-ALGORITHMS = ("sft",)
+class PreferenceOptions(Section):
+    """DPO family (section `dpo`, also read by `algorithm: orpo` and `algorithm: simpo`)."""
+
+    kind: str = Field("sigmoid", description="Loss kind: sigmoid (DPO), ipo, hinge, robust, ..., simpo, orpo.")
+    beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (KL strength).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (cDPO, robust, exo_pair).")
+    gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    tau: float = Field(0.05, gt=0, description="DiscoPOP's temperature.")
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of the chosen completions' NLL added to the loss (RPO; ORPO's lambda is 1)."
+    )
+    ref_model: str | None = Field(None, description="Reference model path; default: the model as loaded.")
+
+    def kind_options(self, **lengths) -> dict:
+        """The options `preference_loss` takes for this kind (lengths only where used)."""
+        from posttrain.losses import kind_options
+
+        values = {"label_smoothing": self.label_smoothing, "gamma": self.gamma, "tau": self.tau, **lengths}
+        return {k: values[k] for k in kind_options(self.kind)}
+
+
+class RewardOptions(Section):
+    """Reward model (Bradley-Terry on preference pairs)."""
+
+    margin: float = Field(0.0, ge=0, description="Required score gap: -log sigmoid(r_c - r_r - margin).")
+    center_coef: float = Field(0.0, ge=0, description="Weight of (r_c + r_r)^2, keeping scores centred at 0.")
+
+
+# algorithm: presets of the `dpo` section it implies
+PREFERENCE_PRESETS = {"dpo": {}, "orpo": {"kind": "orpo", "sft_weight": 1.0}, "simpo": {"kind": "simpo", "beta": 2.0}}
+ALGORITHMS = ("sft", "reward", *PREFERENCE_PRESETS)
 
 
 class RunConfig(Section):
     """One stage: the algorithm, its model, data and loop settings, and where the run is written."""
 
-    algorithm: Literal["sft"] = Field(description="The objective to optimise.")
+    algorithm: Literal["sft", "reward", "dpo", "orpo", "simpo"] = Field(description="The objective to optimise.")
     out: str = Field(description="Run directory (created; resumable with --resume).")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    dpo: PreferenceOptions = PreferenceOptions()
+    reward: RewardOptions = RewardOptions()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, raw):
+        """`algorithm: orpo` / `simpo` are DPO-family presets: fill the keys the user left out."""
+        if isinstance(raw, dict) and raw.get("algorithm") in PREFERENCE_PRESETS:
+            section = raw.get("dpo") or {}
+            if isinstance(section, dict):
+                raw = {**raw, "dpo": {**PREFERENCE_PRESETS[raw["algorithm"]], **section}}
+        return raw
 
     @model_validator(mode="after")
     def _check_batch(self) -> RunConfig:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["token_logprobs", "entropy"]
+__all__ = ["token_logprobs", "entropy", "sum_by_example"]
 
 
 def token_logprobs(
@@ -145,3 +145,19 @@ class _Entropy(torch.autograd.Function):
             chunk_grad = -torch.where(probs > 0, probs * centred, 0.0) * grad_BT[rows, times].unsqueeze(-1)
             grad_logits[rows, times] = chunk_grad.to(logits.dtype)
         return grad_logits, None
+
+
+def sum_by_example(values: Tensor, example_index: Tensor, num_examples: int) -> Tensor:
+    """Sum per-token values into per-example totals, for padded and packed batches alike.
+
+    Args:
+        values: [R, L] per-token values (e.g. `token_logprobs`, 0 where not a loss token).
+        example_index: [R, L] which example each token belongs to, -1 on padding (from `collate`).
+        num_examples: N.
+
+    Returns:
+        [N] float32 sums, differentiable with respect to `values`.
+    """
+    keep = example_index >= 0
+    out = torch.zeros(num_examples, dtype=torch.float32, device=values.device)
+    return out.index_add(0, example_index[keep], values[keep].float())

@@ -60,9 +60,11 @@ def encode_files(paths: list[str], algo, tokenizer, cfg: RunConfig, *, max_error
     return examples
 
 
-def loop_data(examples: list, cfg: RunConfig, pad_id: int, packing: bool) -> LoopData:
-    lengths = [len(ex.input_ids) for ex in examples]
+def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) -> LoopData:
+    """Deterministic plans and collation over encoded examples (SFT examples, pairs, ...)."""
+    lengths = [len(ex) for ex in examples]
     group = cfg.data.group_by_length and not packing
+    batcher = getattr(algo, "collate", collate)
 
     def plan(epoch: int) -> list[list[int]]:
         return plan_batches(
@@ -70,14 +72,31 @@ def loop_data(examples: list, cfg: RunConfig, pad_id: int, packing: bool) -> Loo
         )
 
     def make(ix: list[int]) -> dict:
-        return collate(
-            [examples[i] for i in ix], pad_id=pad_id, packing=packing, max_length=cfg.data.max_length
-        )
+        return batcher([examples[i] for i in ix], pad_id=pad_id, packing=packing, max_length=cfg.data.max_length)
 
     def tokens(batch: dict) -> int:
         return int((batch["example_index"] >= 0).sum())
 
     return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples))
+
+
+def reference_models(cfg: RunConfig) -> list[str]:
+    ref = getattr(getattr(cfg, "dpo", None), "ref_model", None) if cfg.algorithm in ("dpo", "kto") else None
+    return [ref] if ref else []
+
+
+def prepare(objective, model, cfg: RunConfig, run: Run, accelerator, datasets) -> None:
+    """Run the objective's one-off pass (reference log-probs) with the reference model: a
+    separate one when configured, else the model as loaded, before any update."""
+    ref_path = reference_models(cfg)
+    reference = load_model(cfg.model.model_copy(update={"path": ref_path[0], "lora": None}), trainable=False) if ref_path else model
+    reference.to(accelerator.device)
+    micro = cfg.train.micro_batch_size or cfg.train.batch_size
+    for examples, data, name in datasets:
+        if examples:
+            cache = run.path / f"ref_logps.{name}.pt" if accelerator.is_main_process else None
+            objective.prepare(reference, examples, cache=cache, collate_fn=data.collate, micro_batch=micro)
+    del reference
 
 
 def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
@@ -95,9 +114,10 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
     examples = encode_files(train_files, algo, tokenizer, cfg)
     eval_examples = encode_files(eval_files, algo, tokenizer, cfg) if eval_files else None
 
-    model = load_model(cfg.model)
+    model = getattr(algo, "load_model", load_model)(cfg.model)
     packing = cfg.data.packing
-    if packing and not packing_supported(model):
+    # A reward model's head pools one token per sequence: probe the backbone underneath.
+    if packing and not packing_supported(getattr(model, "backbone", model)):
         say(f"note: {type(model).__name__} does not honour per-sequence position ids; using padded batches")
         packing = False
     trainable, total = count_parameters(model)
@@ -110,19 +130,24 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
         config=cfg.model_dump(mode="json"),
         seed=cfg.train.seed,
         inputs=train_files + eval_files,
-        models=[cfg.model.path],
+        models=[cfg.model.path] + reference_models(cfg),
         data={"train_examples": len(examples), "eval_examples": len(eval_examples or []), "packing": packing},
         parameters={"total": total, "trainable": trainable},
         processes=accelerator.num_processes,
     )
     pad_id = tokenizer.pad_token_id
+    objective = algo.Objective(cfg)
+    data = loop_data(examples, algo, cfg, pad_id, packing)
+    eval_data = loop_data(eval_examples, algo, cfg, pad_id, packing) if eval_examples else None
+    if hasattr(objective, "prepare"):  # e.g. reference log-probs, once, before the first step
+        prepare(objective, model, cfg, run, accelerator, [(examples, data, "train"), (eval_examples, eval_data, "eval")])
     result = train_loop(
         cfg.train,
         accelerator=accelerator,
         model=model,
-        objective=algo.Objective(cfg),
-        data=loop_data(examples, cfg, pad_id, packing),
-        eval_data=loop_data(eval_examples, cfg, pad_id, packing) if eval_examples else None,
+        objective=objective,
+        data=data,
+        eval_data=eval_data,
         run=run,
         resume=resume,
     )
@@ -131,7 +156,7 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final = run.final
-            save_final(accelerator.unwrap_model(model), tokenizer, final)
+            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
             run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
         accelerator.wait_for_everyone()
     return StageResult(

@@ -9,7 +9,13 @@ from importlib import import_module
 
 from posttrain.errors import ConfigError
 
-OFFLINE = {"sft": "posttrain.algorithms.sft"}
+OFFLINE = {
+    "sft": "posttrain.algorithms.sft",
+    "reward": "posttrain.algorithms.reward",
+    "dpo": "posttrain.algorithms.preference",
+    "orpo": "posttrain.algorithms.preference",
+    "simpo": "posttrain.algorithms.preference",
+}
 
 
 def get(name: str):

@@ -198,10 +198,16 @@ def packing_supported(model, *, atol: float | None = None) -> bool:
     was_training = model.training
     model.eval()
     try:
-        alone_a = model(input_ids=a, use_cache=False).logits
-        alone_b = model(input_ids=b, use_cache=False).logits
-        packed = model(input_ids=packed_ids, position_ids=packed_pos, use_cache=False).logits
+        alone_a = _per_token(model, input_ids=a)
+        alone_b = _per_token(model, input_ids=b)
+        packed = _per_token(model, input_ids=packed_ids, position_ids=packed_pos)
     finally:
         model.train(was_training)
     alone = torch.cat([alone_a, alone_b], dim=1).float()
     return bool(torch.allclose(packed.float(), alone, atol=atol, rtol=0))
+
+
+def _per_token(model, **inputs) -> Tensor:
+    """Per-token outputs: logits of a causal LM, hidden states of a bare backbone."""
+    out = model(**inputs, use_cache=False)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state

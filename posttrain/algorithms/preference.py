@@ -1,0 +1,138 @@
+"""Offline preference optimisation: DPO and its family (IPO, hinge, robust, ..., SimPO, ORPO).
+
+A batch of P pairs goes through the model in ONE forward: the 2P sequences (chosen first,
+then rejected) are packed or padded together by `collate`, and per-sequence log-probability
+sums come out of one `token_logprobs` call. The loss is `preference_loss(kind, ...)`, summed
+over pairs; the loop divides by the number of pairs in the global batch.
+
+Reference log-probs are computed once, before the first step, with the model as loaded
+(for LoRA the adapter starts at zero, so this IS the adapter-disabled base), and cached in
+the run directory: no reference model sits in memory while training, and a resumed run
+reads the cache instead of recomputing it. `dpo.ref_model` names a different reference.
+Reference-free kinds (simpo, orpo) never compute one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.data.batching import collate as collate_examples
+from posttrain.data.templates import Example, encode_sft_row
+from posttrain.losses import REFERENCE_FREE, preference_loss, preference_rewards
+from posttrain.logprobs import sum_by_example, token_logprobs
+from posttrain.models import forward_logits
+
+KIND = "preference"
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+    ref: tuple[float, float] | None = None  # reference log-prob sums (chosen, rejected), once computed
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def encode(row: dict, tokenizer, cfg, where: str) -> Pair | None:
+    """Both completions after the same prompt; truncation follows data.truncation."""
+    kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    chosen = encode_sft_row({"prompt": row["prompt"], "completion": row["chosen"]}, tokenizer, where=f"{where} (chosen)", **kw)
+    rejected = encode_sft_row({"prompt": row["prompt"], "completion": row["rejected"]}, tokenizer, where=f"{where} (rejected)", **kw)
+    if chosen is None or rejected is None:
+        return None  # dropped by the truncation policy: a pair lives or dies whole
+    return Pair(chosen, rejected)
+
+
+def fingerprint(pairs: list[Pair]) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(repr((p.chosen.input_ids, p.chosen.targets, p.rejected.input_ids, p.rejected.targets)).encode())
+    return h.hexdigest()
+
+
+def collate(pairs: list[Pair], **kw) -> dict:
+    """The 2P sequences of P pairs in one batch: chosen are examples 0..P-1, rejected P..2P-1."""
+    batch = collate_examples([p.chosen for p in pairs] + [p.rejected for p in pairs], **kw)
+    batch["num_pairs"] = len(pairs)
+    if all(p.ref is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])
+    return batch
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed completion log-probs [2P], completion lengths in tokens [2P]) in one forward."""
+    logits_RLV = forward_logits(model, batch)
+    logps_RL = token_logprobs(logits_RLV, batch["targets"])
+    n = 2 * batch["num_pairs"]
+    lengths = sum_by_example((batch["targets"] != -100).float(), batch["example_index"], n)
+    return sum_by_example(logps_RL, batch["example_index"], n), lengths
+
+
+class Objective:
+    """Preference loss over pairs. weight = pairs in the micro-batch."""
+
+    def __init__(self, cfg):
+        self.opts = cfg.dpo
+        self.needs_ref = self.opts.kind not in REFERENCE_FREE
+
+    def weight(self, batch: dict) -> int:
+        return batch["num_pairs"]
+
+    @torch.no_grad()
+    def prepare(self, model, examples: list[Pair], *, cache, collate_fn, micro_batch: int) -> None:
+        """Fill `pair.ref` for every pair: from the cache file if it matches, else by one pass."""
+        if not self.needs_ref or not examples:
+            return
+        key = fingerprint(examples)
+        if cache is not None and cache.exists():
+            saved = torch.load(cache)
+            if saved["fingerprint"] == key:  # same pairs, same tokens: reuse (e.g. on --resume)
+                for pair, (c, r) in zip(examples, saved["refs"].tolist()):
+                    pair.ref = (c, r)
+                return
+        was_training = model.training
+        model.eval()
+        refs = []
+        for i in range(0, len(examples), micro_batch):
+            batch = collate_fn(list(range(i, min(i + micro_batch, len(examples)))))
+            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logps, _ = sequence_logps(model, batch)
+            p = batch["num_pairs"]
+            refs += list(zip(logps[:p].tolist(), logps[p:].tolist()))
+        model.train(was_training)
+        for pair, ref in zip(examples, refs):
+            pair.ref = ref
+        if cache is not None:
+            torch.save({"fingerprint": key, "refs": torch.tensor(refs)}, cache)
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        o, p = self.opts, batch["num_pairs"]
+        logps, lengths = sequence_logps(model, batch)
+        ref = batch.get("ref_logps")
+        if self.needs_ref and ref is None:
+            raise RuntimeError("reference log-probs missing: Objective.prepare was not run")
+        ref_c, ref_r = (ref[:p], ref[p:]) if self.needs_ref else (None, None)
+        losses = preference_loss(
+            o.kind, logps[:p], logps[p:], ref_c, ref_r, beta=o.beta,
+            **o.kind_options(chosen_lengths=lengths[:p], rejected_lengths=lengths[p:]),
+        )  # fmt: skip
+        loss = losses.sum()
+        if o.sft_weight:
+            # RPO / ORPO's likelihood term: mean NLL per token of the chosen completion.
+            loss = loss + o.sft_weight * (-logps[:p] / lengths[:p]).sum()
+        ref_c = ref_c if ref_c is not None else torch.zeros_like(logps[:p])
+        ref_r = ref_r if ref_r is not None else torch.zeros_like(logps[p:])
+        r_c, r_r = preference_rewards(logps[:p], logps[p:], ref_c, ref_r, beta=o.beta)
+        return loss, {
+            "rewards/chosen": r_c.sum(),
+            "rewards/rejected": r_r.sum(),
+            "rewards/accuracy": (r_c > r_r).float().sum(),
+            "rewards/margin": (r_c - r_r).sum(),
+            "logps/chosen": logps[:p].detach().sum(),
+            "logps/rejected": logps[p:].detach().sum(),
+        }

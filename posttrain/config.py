@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -136,13 +136,28 @@ class TrainConfig(Section):
 class PreferenceOptions(Section):
     """DPO family (section `dpo`, also read by `algorithm: orpo` and `algorithm: simpo`)."""
 
-    kind: str = Field("sigmoid", description="Loss kind: sigmoid (DPO), ipo, hinge, robust, ..., simpo, orpo.")
+    kind: str = Field(
+        "sigmoid", description="Loss kind: sigmoid (DPO), ipo, hinge, robust, ..., simpo, orpo."
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        from posttrain.losses import kind_options
+
+        kind_options(kind)  # raises with the list of kinds and a did-you-mean
+        return kind
+
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (KL strength).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label noise (cDPO, robust, exo_pair).")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Assumed label noise (cDPO, robust, exo_pair)."
+    )
     gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
     tau: float = Field(0.05, gt=0, description="DiscoPOP's temperature.")
     sft_weight: float = Field(
-        0.0, ge=0, description="Weight of the chosen completions' NLL added to the loss (RPO; ORPO's lambda is 1)."
+        0.0,
+        ge=0,
+        description="Weight of the chosen completions' NLL added to the loss (RPO; ORPO's lambda is 1).",
     )
     ref_model: str | None = Field(None, description="Reference model path; default: the model as loaded.")
 
@@ -162,14 +177,20 @@ class RewardOptions(Section):
 
 
 # algorithm: presets of the `dpo` section it implies
-PREFERENCE_PRESETS = {"dpo": {}, "orpo": {"kind": "orpo", "sft_weight": 1.0}, "simpo": {"kind": "simpo", "beta": 2.0}}
+PREFERENCE_PRESETS = {
+    "dpo": {},
+    "orpo": {"kind": "orpo", "sft_weight": 1.0},
+    "simpo": {"kind": "simpo", "beta": 2.0},
+}
 ALGORITHMS = ("sft", "reward", *PREFERENCE_PRESETS)
 
 
 class RunConfig(Section):
     """One stage: the algorithm, its model, data and loop settings, and where the run is written."""
 
-    algorithm: Literal["sft", "reward", "dpo", "orpo", "simpo"] = Field(description="The objective to optimise.")
+    algorithm: Literal["sft", "reward", "dpo", "orpo", "simpo"] = Field(
+        description="The objective to optimise."
+    )
     out: str = Field(description="Run directory (created; resumable with --resume).")
     model: ModelConfig
     data: DataConfig

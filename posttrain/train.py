@@ -15,7 +15,7 @@ from posttrain import algorithms
 from posttrain.config import RunConfig, dump_config, load_config
 from posttrain.data.batching import collate, packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
-from posttrain.engine.loop import LoopData, make_accelerator, train_loop
+from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
 from posttrain.errors import DataError
 from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
@@ -72,12 +72,14 @@ def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) 
         )
 
     def make(ix: list[int]) -> dict:
-        return batcher([examples[i] for i in ix], pad_id=pad_id, packing=packing, max_length=cfg.data.max_length)
+        return batcher(
+            [examples[i] for i in ix], pad_id=pad_id, packing=packing, max_length=cfg.data.max_length
+        )
 
     def tokens(batch: dict) -> int:
         return int((batch["example_index"] >= 0).sum())
 
-    return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples))
+    return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples), examples=examples)
 
 
 def reference_models(cfg: RunConfig) -> list[str]:
@@ -85,18 +87,28 @@ def reference_models(cfg: RunConfig) -> list[str]:
     return [ref] if ref else []
 
 
-def prepare(objective, model, cfg: RunConfig, run: Run, accelerator, datasets) -> None:
-    """Run the objective's one-off pass (reference log-probs) with the reference model: a
-    separate one when configured, else the model as loaded, before any update."""
+def prepare(
+    objective, model, cfg: RunConfig, run: Run, accelerator, data: LoopData, eval_data: LoopData | None
+) -> None:
+    """Run the objective's one-off pass (reference log-probs) with the reference model (a
+    separate one when configured, else the model as loaded, before any update), over the
+    examples the run will use."""
     ref_path = reference_models(cfg)
-    reference = load_model(cfg.model.model_copy(update={"path": ref_path[0], "lora": None}), trainable=False) if ref_path else model
+    reference = model
+    if ref_path:
+        reference = load_model(
+            cfg.model.model_copy(update={"path": ref_path[0], "lora": None}), trainable=False
+        )
     reference.to(accelerator.device)
     micro = cfg.train.micro_batch_size or cfg.train.batch_size
-    for examples, data, name in datasets:
-        if examples:
+    used = used_examples(cfg.train, data, accelerator.num_processes)
+    for name, d, indices in [("train", data, used), ("eval", eval_data, None)]:
+        if d is not None:
             cache = run.path / f"ref_logps.{name}.pt" if accelerator.is_main_process else None
-            objective.prepare(reference, examples, cache=cache, collate_fn=data.collate, micro_batch=micro)
-    del reference
+            indices = indices if indices is not None else list(range(d.num_examples))
+            objective.prepare(
+                reference, d.examples, indices, cache=cache, collate_fn=d.collate, micro_batch=micro
+            )
 
 
 def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
@@ -140,7 +152,7 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
     data = loop_data(examples, algo, cfg, pad_id, packing)
     eval_data = loop_data(eval_examples, algo, cfg, pad_id, packing) if eval_examples else None
     if hasattr(objective, "prepare"):  # e.g. reference log-probs, once, before the first step
-        prepare(objective, model, cfg, run, accelerator, [(examples, data, "train"), (eval_examples, eval_data, "eval")])
+        prepare(objective, model, cfg, run, accelerator, data, eval_data)
     result = train_loop(
         cfg.train,
         accelerator=accelerator,

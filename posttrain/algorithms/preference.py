@@ -21,8 +21,8 @@ import torch
 
 from posttrain.data.batching import collate as collate_examples
 from posttrain.data.templates import Example, encode_sft_row
-from posttrain.losses import REFERENCE_FREE, preference_loss, preference_rewards
 from posttrain.logprobs import sum_by_example, token_logprobs
+from posttrain.losses import REFERENCE_FREE_KINDS, preference_loss, preference_rewards
 from posttrain.models import forward_logits
 
 KIND = "preference"
@@ -41,8 +41,12 @@ class Pair:
 def encode(row: dict, tokenizer, cfg, where: str) -> Pair | None:
     """Both completions after the same prompt; truncation follows data.truncation."""
     kw = dict(max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-    chosen = encode_sft_row({"prompt": row["prompt"], "completion": row["chosen"]}, tokenizer, where=f"{where} (chosen)", **kw)
-    rejected = encode_sft_row({"prompt": row["prompt"], "completion": row["rejected"]}, tokenizer, where=f"{where} (rejected)", **kw)
+    chosen = encode_sft_row(
+        {"prompt": row["prompt"], "completion": row["chosen"]}, tokenizer, where=f"{where} (chosen)", **kw
+    )
+    rejected = encode_sft_row(
+        {"prompt": row["prompt"], "completion": row["rejected"]}, tokenizer, where=f"{where} (rejected)", **kw
+    )
     if chosen is None or rejected is None:
         return None  # dropped by the truncation policy: a pair lives or dies whole
     return Pair(chosen, rejected)
@@ -51,7 +55,9 @@ def encode(row: dict, tokenizer, cfg, where: str) -> Pair | None:
 def fingerprint(pairs: list[Pair]) -> str:
     h = hashlib.sha256()
     for p in pairs:
-        h.update(repr((p.chosen.input_ids, p.chosen.targets, p.rejected.input_ids, p.rejected.targets)).encode())
+        h.update(
+            repr((p.chosen.input_ids, p.chosen.targets, p.rejected.input_ids, p.rejected.targets)).encode()
+        )
     return h.hexdigest()
 
 
@@ -78,37 +84,38 @@ class Objective:
 
     def __init__(self, cfg):
         self.opts = cfg.dpo
-        self.needs_ref = self.opts.kind not in REFERENCE_FREE
+        self.needs_ref = self.opts.kind not in REFERENCE_FREE_KINDS
 
     def weight(self, batch: dict) -> int:
         return batch["num_pairs"]
 
     @torch.no_grad()
-    def prepare(self, model, examples: list[Pair], *, cache, collate_fn, micro_batch: int) -> None:
-        """Fill `pair.ref` for every pair: from the cache file if it matches, else by one pass."""
+    def prepare(
+        self, model, examples: list[Pair], indices: list[int], *, cache, collate_fn, micro_batch: int
+    ) -> None:
+        """Fill `pair.ref` for the pairs at `indices` (those the run will use): read what the
+        cache file holds for these very pairs (e.g. on --resume), compute the rest in one pass."""
         if not self.needs_ref or not examples:
             return
         key = fingerprint(examples)
-        if cache is not None and cache.exists():
-            saved = torch.load(cache)
-            if saved["fingerprint"] == key:  # same pairs, same tokens: reuse (e.g. on --resume)
-                for pair, (c, r) in zip(examples, saved["refs"].tolist()):
-                    pair.ref = (c, r)
-                return
+        saved = torch.load(cache) if cache is not None and cache.exists() else {}
+        known: dict[int, tuple[float, float]] = (
+            saved.get("refs", {}) if saved.get("fingerprint") == key else {}
+        )
+        todo = [i for i in indices if i not in known]
         was_training = model.training
         model.eval()
-        refs = []
-        for i in range(0, len(examples), micro_batch):
-            batch = collate_fn(list(range(i, min(i + micro_batch, len(examples)))))
-            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        for start in range(0, len(todo), micro_batch):
+            ix = todo[start : start + micro_batch]
+            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate_fn(ix).items()}
             logps, _ = sequence_logps(model, batch)
             p = batch["num_pairs"]
-            refs += list(zip(logps[:p].tolist(), logps[p:].tolist()))
+            known.update(zip(ix, zip(logps[:p].tolist(), logps[p:].tolist())))
         model.train(was_training)
-        for pair, ref in zip(examples, refs):
-            pair.ref = ref
-        if cache is not None:
-            torch.save({"fingerprint": key, "refs": torch.tensor(refs)}, cache)
+        for i in indices:
+            examples[i].ref = known[i]
+        if cache is not None and todo:
+            torch.save({"fingerprint": key, "refs": known}, cache)
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o, p = self.opts, batch["num_pairs"]
@@ -125,8 +132,6 @@ class Objective:
         if o.sft_weight:
             # RPO / ORPO's likelihood term: mean NLL per token of the chosen completion.
             loss = loss + o.sft_weight * (-logps[:p] / lengths[:p]).sum()
-        ref_c = ref_c if ref_c is not None else torch.zeros_like(logps[:p])
-        ref_r = ref_r if ref_r is not None else torch.zeros_like(logps[p:])
         r_c, r_r = preference_rewards(logps[:p], logps[p:], ref_c, ref_r, beta=o.beta)
         return loss, {
             "rewards/chosen": r_c.sum(),

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from posttrain.algorithms import preference
-from posttrain.algorithms.preference import Pair
 from posttrain.data.batching import collate as collate_examples
 from posttrain.data.templates import encode_prompt_completion, to_example
 from posttrain.losses import reward_loss
@@ -41,7 +40,9 @@ class RewardModel(nn.Module):
         self.tokenizer = tokenizer
         inner = model.get_base_model() if is_peft(model) else model
         if not hasattr(inner, "score"):
-            raise ValueError(f"{type(inner).__name__} has no scalar 'score' head; not usable as a reward model")
+            raise ValueError(
+                f"{type(inner).__name__} has no scalar 'score' head; not usable as a reward model"
+            )
         self.backbone = getattr(inner, inner.base_model_prefix)
         self.head = inner.score
 
@@ -53,7 +54,9 @@ class RewardModel(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype], **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[dtype], **kw
+        )
         model.config.pad_token_id = tokenizer.pad_token_id
         return cls(model, tokenizer)
 
@@ -140,4 +143,8 @@ class Objective:
             # center_rewards_coefficient: coef * mean over pairs of (r_c + r_r)^2.
             loss = loss + self.opts.center_coef * ((chosen + rejected) ** 2).sum()
         d = (chosen - rejected).detach()
-        return loss, {"accuracy": (d > 0).float().sum(), "margin": d.sum(), "score/chosen": chosen.detach().sum()}
+        return loss, {
+            "accuracy": (d > 0).float().sum(),
+            "margin": d.sum(),
+            "score/chosen": chosen.detach().sum(),
+        }

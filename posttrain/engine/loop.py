@@ -48,6 +48,7 @@ class LoopData:
     collate: Callable[[list[int]], dict]  # indices -> one micro-batch of tensors
     tokens: Callable[[dict], int]  # non-padding tokens in a micro-batch (throughput)
     num_examples: int
+    examples: list | None = None  # the encoded examples, for one-off passes over them
 
 
 @dataclass
@@ -143,6 +144,39 @@ class _Signals:
             signal.signal(sig, old)
 
 
+def schedule_of(cfg: TrainConfig, data: LoopData, world: int) -> tuple[Callable[[int], list[list[int]]], int]:
+    """(epoch -> the global batches the loop will run, total optimiser steps)."""
+    chunks = world * micro_batches_per_process(cfg, world)
+
+    def batches(epoch: int) -> list[list[int]]:
+        # A trailing batch too small to give every process its micro-batches is dropped; the
+        # per-epoch reshuffle puts its examples in full batches in the other epochs.
+        return [b for b in data.plan(epoch) if len(b) >= chunks]
+
+    steps_per_epoch = len(batches(0))
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"{data.num_examples} training examples do not fill one batch of {cfg.batch_size}; "
+            "lower train.batch_size or add data"
+        )
+    return batches, cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+
+def used_examples(cfg: TrainConfig, data: LoopData, world: int) -> list[int]:
+    """Indices of every example the whole run will train on (sorted): one-off passes over the
+    data (reference log-probs) need not touch the rest."""
+    batches, total = schedule_of(cfg, data, world)
+    used: set[int] = set()
+    epoch = 0
+    while total > 0:
+        plan = batches(epoch)[:total]
+        for b in plan:
+            used.update(b)
+        total -= len(plan)
+        epoch += 1
+    return sorted(used)
+
+
 def train_loop(
     cfg: TrainConfig,
     *,
@@ -158,19 +192,8 @@ def train_loop(
     world, rank = accelerator.num_processes, accelerator.process_index
     accum = micro_batches_per_process(cfg, world)
     chunks = world * accum  # micro-batches per global batch, over all processes
-
-    def batches(epoch: int) -> list[list[int]]:
-        # A trailing batch too small to give every process its micro-batches is dropped; the
-        # per-epoch reshuffle puts its examples in full batches in the other epochs.
-        return [b for b in data.plan(epoch) if len(b) >= chunks]
-
+    batches, total = schedule_of(cfg, data, world)
     steps_per_epoch = len(batches(0))
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"{data.num_examples} training examples do not fill one batch of {cfg.batch_size}; "
-            "lower train.batch_size or add data"
-        )
-    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     optimizer = make_optimizer(model, cfg)
     schedule = _Schedule(

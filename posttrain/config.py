@@ -176,27 +176,36 @@ class RewardOptions(Section):
     center_coef: float = Field(0.0, ge=0, description="Weight of (r_c + r_r)^2, keeping scores centred at 0.")
 
 
+class KTOOptions(Section):
+    """KTO (unpaired desirable / undesirable feedback)."""
+
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(
+        1.0, gt=0, description="lambda_D; balance lambda_D*n_D / (lambda_U*n_U) in [1, 4/3]."
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U.")
+
+
 # algorithm: presets of the `dpo` section it implies
 PREFERENCE_PRESETS = {
     "dpo": {},
     "orpo": {"kind": "orpo", "sft_weight": 1.0},
     "simpo": {"kind": "simpo", "beta": 2.0},
 }
-ALGORITHMS = ("sft", "reward", *PREFERENCE_PRESETS)
+ALGORITHMS = ("sft", "reward", "kto", *PREFERENCE_PRESETS)
 
 
 class RunConfig(Section):
     """One stage: the algorithm, its model, data and loop settings, and where the run is written."""
 
-    algorithm: Literal["sft", "reward", "dpo", "orpo", "simpo"] = Field(
-        description="The objective to optimise."
-    )
+    algorithm: Literal[ALGORITHMS] = Field(description="The objective to optimise.")
     out: str = Field(description="Run directory (created; resumable with --resume).")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
     dpo: PreferenceOptions = PreferenceOptions()
     reward: RewardOptions = RewardOptions()
+    kto: KTOOptions = KTOOptions()
 
     @model_validator(mode="before")
     @classmethod

@@ -83,7 +83,7 @@ def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) 
 
 
 def reference_models(cfg: RunConfig) -> list[str]:
-    ref = getattr(getattr(cfg, "dpo", None), "ref_model", None) if cfg.algorithm in ("dpo", "kto") else None
+    ref = cfg.dpo.ref_model if cfg.algorithm == "dpo" else None
     return [ref] if ref else []
 
 

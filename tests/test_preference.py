@@ -114,3 +114,15 @@ def test_reward_model_learns_and_loads_with_transformers(task, tmp_path):
         abs=1e-5,
     )
     assert arithmetic.LEVELS  # the task module is importable alongside
+
+
+def test_kto_first_step_is_half_and_trains(task, tmp_path):
+    root, files = task
+    cfg = config(task, tmp_path / "kto", algorithm="kto", max_steps=4)
+    cfg["data"]["train"] = str(files["feedback_train"])
+    res = train(cfg)
+    rows = read_metrics(res.run_dir)
+    # policy == reference at step 0: r = 0 and z = 0, so each example's loss is 1 - sigmoid(0)
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6) and rows[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert rows[-1]["loss"] != pytest.approx(0.5, abs=1e-4)
+    assert (res.run_dir / "ref_logps.train.pt").exists()

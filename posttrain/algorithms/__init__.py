@@ -12,6 +12,7 @@ from posttrain.errors import ConfigError
 OFFLINE = {
     "sft": "posttrain.algorithms.sft",
     "reward": "posttrain.algorithms.reward",
+    "kto": "posttrain.algorithms.kto",
     "dpo": "posttrain.algorithms.preference",
     "orpo": "posttrain.algorithms.preference",
     "simpo": "posttrain.algorithms.preference",

@@ -52,13 +52,34 @@ def encode(row: dict, tokenizer, cfg, where: str) -> Pair | None:
     return Pair(chosen, rejected)
 
 
-def fingerprint(pairs: list[Pair]) -> str:
+def fingerprint_sequences(examples) -> str:
+    """A key for a reference-log-prob cache: changes with any token or mask of any sequence."""
     h = hashlib.sha256()
-    for p in pairs:
-        h.update(
-            repr((p.chosen.input_ids, p.chosen.targets, p.rejected.input_ids, p.rejected.targets)).encode()
-        )
+    for ex in examples:
+        h.update(repr((ex.input_ids, ex.targets)).encode())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_logps(model, indices: list[int], *, key: str, cache, collate_fn, micro_batch: int) -> dict:
+    """{index: (logp of the item's first sequence, of its second)} for items whose batches hold
+    n first sequences then n second ones (pairs: chosen, rejected; KTO: matched, mismatched).
+    What the cache file holds for the same data (`key`) is reused (e.g. on --resume); the rest
+    is computed in one pass and added to it."""
+    saved = torch.load(cache) if cache is not None and cache.exists() else {}
+    known = saved.get("refs", {}) if saved.get("fingerprint") == key else {}
+    todo = [i for i in indices if i not in known]
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(todo), micro_batch):
+        ix = todo[start : start + micro_batch]
+        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate_fn(ix).items()}
+        logps, _ = sequence_logps(model, batch)
+        known.update(zip(ix, zip(logps[: len(ix)].tolist(), logps[len(ix) :].tolist())))
+    model.train(was_training)
+    if cache is not None and todo:
+        torch.save({"fingerprint": key, "refs": known}, cache)
+    return known
 
 
 def collate(pairs: list[Pair], **kw) -> dict:
@@ -89,33 +110,18 @@ class Objective:
     def weight(self, batch: dict) -> int:
         return batch["num_pairs"]
 
-    @torch.no_grad()
     def prepare(
         self, model, examples: list[Pair], indices: list[int], *, cache, collate_fn, micro_batch: int
     ) -> None:
-        """Fill `pair.ref` for the pairs at `indices` (those the run will use): read what the
-        cache file holds for these very pairs (e.g. on --resume), compute the rest in one pass."""
+        """Fill `pair.ref` for the pairs at `indices` (those the run will use)."""
         if not self.needs_ref or not examples:
             return
-        key = fingerprint(examples)
-        saved = torch.load(cache) if cache is not None and cache.exists() else {}
-        known: dict[int, tuple[float, float]] = (
-            saved.get("refs", {}) if saved.get("fingerprint") == key else {}
+        key = fingerprint_sequences(e for p in examples for e in (p.chosen, p.rejected))
+        refs = reference_logps(
+            model, indices, key=key, cache=cache, collate_fn=collate_fn, micro_batch=micro_batch
         )
-        todo = [i for i in indices if i not in known]
-        was_training = model.training
-        model.eval()
-        for start in range(0, len(todo), micro_batch):
-            ix = todo[start : start + micro_batch]
-            batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in collate_fn(ix).items()}
-            logps, _ = sequence_logps(model, batch)
-            p = batch["num_pairs"]
-            known.update(zip(ix, zip(logps[:p].tolist(), logps[p:].tolist())))
-        model.train(was_training)
         for i in indices:
-            examples[i].ref = known[i]
-        if cache is not None and todo:
-            torch.save({"fingerprint": key, "refs": known}, cache)
+            examples[i].ref = refs[i]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o, p = self.opts, batch["num_pairs"]

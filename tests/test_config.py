@@ -67,3 +67,9 @@ def test_dump_roundtrip():
     import yaml
 
     assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")))
+def test_example_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.algorithm and cfg.out

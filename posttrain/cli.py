@@ -3,6 +3,7 @@
     posttrain quickstart [--out DIR]            the demo: build a tiny model, pretrain it, SFT it, compare
     posttrain train CONFIG.yaml [--set k=v]     run one stage (the config names the algorithm)
     posttrain data validate FILE [--kind K]     check a dataset file; errors name file, line and field
+    posttrain eval rm --model DIR [--data F]    audit a reward model: accuracy, calibration, biases
 
 Errors caused by input (config, data, paths) are printed as one clear message, exit code 2.
 """
@@ -79,6 +80,27 @@ def _length_report(rows, kind, args) -> None:
         )
 
 
+def _eval_rm(args) -> int:
+    from pathlib import Path
+
+    from posttrain.algorithms.reward import RewardModel
+    from posttrain.data.schemas import load_rows
+    from posttrain.eval.rm_audit import audit_reward_model, format_report
+    from posttrain.tasks import preference
+
+    pairs = (
+        [row for _, row in load_rows(args.data, "preference")]
+        if args.data
+        else preference.preference_eval_rows()
+    )
+    probes = preference.audit_rows(n_per_level=args.probes_per_level)
+    out = Path(args.out) if args.out else Path(args.model).resolve().parent
+    report = audit_reward_model(RewardModel.from_pretrained(args.model), pairs, probes, out_dir=out)
+    print(format_report(report))
+    print(f"wrote {out / 'rm_audit.json'} and {out / 'rm_audit.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="posttrain",
@@ -134,6 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--tokenizer", help="also report token lengths with this tokenizer (path)")
     v.add_argument("--max-length", type=int, help="with --tokenizer: list the rows longer than this")
     v.set_defaults(func=_validate)
+
+    e = sub.add_parser("eval", help="evaluation and audits", description="Evaluation and audits.")
+    esub = e.add_subparsers(dest="eval_command", required=True, metavar="EVAL_COMMAND")
+    r = esub.add_parser(
+        "rm",
+        help="audit a reward model: held-out accuracy, calibration, length/boilerplate/refusal biases",
+        description="Score held-out pairs and the bundled bias probes with a reward model; print a table and "
+        "write rm_audit.json and rm_audit.png.",
+    )
+    r.add_argument("--model", required=True, metavar="DIR", help="reward model directory (a run's final/)")
+    r.add_argument(
+        "--data",
+        metavar="FILE",
+        help="held-out preference pairs (default: the bundled arithmetic eval pairs)",
+    )
+    r.add_argument(
+        "--out",
+        metavar="DIR",
+        help="directory for rm_audit.json/.png (default: the directory holding --model)",
+    )
+    r.add_argument(
+        "--probes-per-level",
+        type=int,
+        metavar="N",
+        default=100,
+        help="probe pairs per level and probe (default: %(default)s)",
+    )
+    r.set_defaults(func=_eval_rm)
     return p
 
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from posttrain.config import apply_override, dump_config, load_config
@@ -69,7 +71,10 @@ def test_dump_roundtrip():
     assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")))
+EXAMPLES = sorted(Path(__file__).parents[1].glob("examples/*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_example_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.algorithm and cfg.out

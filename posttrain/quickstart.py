@@ -6,8 +6,11 @@ Stages, each its own run directory under OUT (a finished stage is reused unless 
     tiny/    a char-level tokenizer and a random 1M-parameter Llama, built locally
     base/    the base model: the tiny model pretrained (briefly, on purpose) on the corpus
     sft/     supervised fine-tuning of the base model on chat rows, loss on the answers only
+    reward/  a Bradley-Terry reward model on the bundled gold-scored preference pairs
+    dpo/     DPO from the SFT model on the same pairs
 
-and a table of held-out exact-match accuracy, per difficulty level, before and after SFT.
+and a table: held-out exact match per level before and after SFT, the reward model's held-out
+pair accuracy, and DPO against SFT by the gold score of their greedy answers.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.algorithms.reward import RewardModel
 from posttrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from posttrain.eval.generation import accuracy_by_level
-from posttrain.tasks import arithmetic
+from posttrain.eval.generation import accuracy_by_level, generate_greedy
+from posttrain.tasks import arithmetic, preference
 from posttrain.tasks.tiny import build_tiny
 from posttrain.train import train
 
@@ -35,7 +39,10 @@ class Budget:
 
     base_steps: int = 400
     sft_steps: int = 500
+    reward_steps: int = 150
+    dpo_steps: int = 100
     eval_per_level: int = 200
+    rows: int = 20_000  # rows per generated training file
 
 
 def base_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
@@ -62,6 +69,55 @@ def sft_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
             schedule="cosine", min_lr_ratio=0.1, save_every=200, log_every=10,
         ),
     )  # fmt: skip
+
+
+def reward_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
+    return RunConfig(
+        algorithm="reward",
+        out=str(out / "reward"),
+        model=ModelConfig(path=str(out / "sft" / "final")),
+        data=DataConfig(train=str(pref["pref_train"]), max_length=128),
+        train=TrainConfig(
+            lr=2e-3, batch_size=32, max_steps=budget.reward_steps, warmup_steps=10, log_every=10
+        ),
+    )
+
+
+def dpo_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
+    return RunConfig(
+        algorithm="dpo",
+        out=str(out / "dpo"),
+        model=ModelConfig(path=str(out / "sft" / "final")),
+        data=DataConfig(train=str(pref["pref_train"]), max_length=128),
+        train=TrainConfig(lr=1e-4, batch_size=64, max_steps=budget.dpo_steps, warmup_steps=10, log_every=10),
+    )
+
+
+def reward_accuracy(rm_dir: Path, pairs: list[dict]) -> float:
+    """Held-out pairwise accuracy of a reward model: chosen scored above rejected."""
+    rm = RewardModel.from_pretrained(str(rm_dir))
+    prompts = [p["prompt"] for p in pairs]
+    chosen, rejected = (
+        rm.score(prompts, [p["chosen"] for p in pairs]),
+        rm.score(prompts, [p["rejected"] for p in pairs]),
+    )
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+
+
+def gold_scores(model_dir: Path, rows: list[dict]) -> list[float]:
+    """Gold score (correct and concise = 1) of each greedy answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    completions = generate_greedy(
+        model, AutoTokenizer.from_pretrained(model_dir), [r["prompt"] for r in rows], max_new_tokens=48
+    )
+    return [preference.gold_score(c, r["answer"]) for c, r in zip(completions, rows)]
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where a beats b, ties counting half."""
+    return sum((x > y) + 0.5 * (x == y) for x, y in zip(a, b)) / len(a)
 
 
 def level_accuracy(model_dir: Path, rows: list[dict]) -> dict[str, float]:
@@ -98,21 +154,45 @@ def quickstart(
     """Run the demo into `out`; returns (and writes to out/summary.json) the accuracy table."""
     out = Path(out)
     t0 = time.time()
-    data = arithmetic.write_task_files(out / "data", levels=LEVELS)
+    n = budget.rows
+    data = arithmetic.write_task_files(out / "data", levels=LEVELS, n_sft=n, n_prompts=n, n_pretrain_docs=n)
     if fresh or not (out / "tiny" / "config.json").exists():
         build_tiny(out / "tiny", size="tiny")
+    pref = preference.write_preference_files(out / "data", levels=LEVELS, n_train=n)
     _stage(base_config(out, data, budget), fresh)
     _stage(sft_config(out, data, budget), fresh)
+    _stage(reward_config(out, pref, budget), fresh)
+    _stage(dpo_config(out, pref, budget), fresh)
 
     rows = arithmetic.eval_rows(LEVELS, n_per_level=budget.eval_per_level)
     before = level_accuracy(out / "base" / "final", rows)
     after = level_accuracy(out / "sft" / "final", rows)
-    summary = {"held_out_exact_match": {"base": before, "sft": after}, "seconds": round(time.time() - t0, 1)}
+    pairs = preference.preference_eval_rows(LEVELS, n_per_level=budget.eval_per_level)
+    rm_acc = reward_accuracy(out / "reward" / "final", pairs)
+    gold_sft, gold_dpo = gold_scores(out / "sft" / "final", rows), gold_scores(out / "dpo" / "final", rows)
+    summary = {
+        "held_out_exact_match": {"base": before, "sft": after},
+        "reward_model_pair_accuracy": rm_acc,
+        "gold_score": {"sft": sum(gold_sft) / len(rows), "dpo": sum(gold_dpo) / len(rows)},
+        "dpo_win_rate_vs_sft": win_rate(gold_dpo, gold_sft),
+        "seconds": round(time.time() - t0, 1),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     print(f"\nheld-out exact match (up to {budget.eval_per_level} problems per level, greedy)")
     print(f"  {'level':<8}{'base':>8}{'sft':>8}{'change':>9}")
     for lv in before:
         print(f"  {lv:<8}{before[lv]:>8.1%}{after[lv]:>8.1%}{after[lv] - before[lv]:>+9.1%}")
-    print(f"\nruns in {out}/ (base, sft); {summary['seconds']:.0f}s in all")
+    print("\nstage     metric (held out)                        value")
+    print(
+        f"  sft     exact match, all levels                {after['all']:>7.1%}   (base {before['all']:.1%})"
+    )
+    print(f"  reward  pair accuracy (chance 50%)             {rm_acc:>7.1%}")
+    print(
+        f"  dpo     gold score (1 = correct and concise)   {summary['gold_score']['dpo']:>7.3f}   (sft {summary['gold_score']['sft']:.3f})"
+    )
+    print(
+        f"  dpo     win rate vs sft by gold score          {summary['dpo_win_rate_vs_sft']:>7.1%}   (ties count half)"
+    )
+    print(f"\nruns in {out}/ (base, sft, reward, dpo); {summary['seconds']:.0f}s in all")
     return summary

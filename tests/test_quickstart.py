@@ -9,12 +9,13 @@ from posttrain.quickstart import LEVELS, Budget, quickstart
 
 
 def test_quickstart_smoke_and_reuse(tmp_path, capsys):
-    budget = Budget(base_steps=6, sft_steps=4, eval_per_level=8)
+    budget = Budget(base_steps=6, sft_steps=4, reward_steps=3, dpo_steps=3, eval_per_level=8, rows=600)
     summary = quickstart(tmp_path, budget=budget)
     table = summary["held_out_exact_match"]
     assert set(table) == {"base", "sft"} and set(table["sft"]) == {*LEVELS, "all"}
     assert all(0.0 <= v <= 1.0 for stage in table.values() for v in stage.values())
-    for stage in ("base", "sft"):
+    assert 0 <= summary["reward_model_pair_accuracy"] <= 1 and 0 <= summary["dpo_win_rate_vs_sft"] <= 1
+    for stage in ("base", "sft", "reward", "dpo"):
         assert (tmp_path / stage / "final" / "config.json").exists()
         assert (tmp_path / stage / "manifest.json").exists()
     sft_manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
@@ -22,7 +23,7 @@ def test_quickstart_smoke_and_reuse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out exact match" in out and "add2" in out
     quickstart(tmp_path, budget=budget)  # finished stages are reused, not re-run
-    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 2
+    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 4
 
 
 @pytest.mark.slow

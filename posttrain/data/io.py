@@ -342,3 +342,12 @@ _READERS: dict[str, Callable[[str], list[tuple[Location, Row]]]] = {
     ".parquet": _read_parquet,
     ".csv": _read_csv,
 }
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write rows as JSON Lines (the format every reader here accepts); returns the path."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path

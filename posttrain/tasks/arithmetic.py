@@ -31,13 +31,13 @@ not recall.
 from __future__ import annotations
 
 import functools
-import json
 import random
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.data.io import write_jsonl
 from posttrain.tasks.tiny import build_tokenizer
 
 LEVELS: tuple[str, ...] = ("add1", "add2", "sub2", "add3", "sub3", "word2", "eq2")
@@ -344,13 +344,6 @@ def exact_match(completion: str, answer: str) -> float:
     return float(text == answer.strip())
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def write_task_files(
     out_dir: str | Path,
     *,
@@ -374,4 +367,4 @@ def write_task_files(
         "eval": eval_rows(levels),
         "pretrain": pretrain_corpus(n_pretrain_docs, seed=seed, levels=levels),
     }
-    return {name: _write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in tables.items()}
+    return {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in tables.items()}

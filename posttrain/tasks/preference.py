@@ -35,13 +35,13 @@ context.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from posttrain.data.io import write_jsonl
 from posttrain.tasks.arithmetic import END, Problem, held_out, sample_train
 
 DEFAULT_LEVELS: tuple[str, ...] = ("add1", "add2", "sub2")
@@ -445,13 +445,6 @@ def audit_rows(levels: Sequence[str] = DEFAULT_LEVELS, n_per_level: int = 100) -
 # Files.
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
 def write_preference_files(
     out_dir: str | Path,
     *,
@@ -478,4 +471,4 @@ def write_preference_files(
         "pref_eval": preference_eval_rows(levels),
         "feedback_train": feedback_rows(n_train, seed=seed, levels=levels),
     }
-    return {name: _write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in tables.items()}
+    return {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in tables.items()}

@@ -35,28 +35,29 @@ def peak_rss_mib() -> float:
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS reports bytes
 
 
-def busy_cores(seconds: float = 1.0) -> float | None:
-    """CPU cores kept busy by every process on the machine over the next `seconds` (Linux only).
-
-    The parent calls it while idle, just before starting a child: anything above ~0.2 is another
-    program competing for the cores. With torch's threads pinned to the core count, a competitor
-    does not slow a run proportionally: threads wait for each other at every parallel region,
-    and steps of a small model can come out several times slower. Returns None off Linux.
-    """
-
-    def snapshot() -> tuple[int, int]:
+def cpu_busy_seconds() -> float | None:
+    """CPU seconds spent busy by all processes since boot, over every core (Linux /proc/stat)."""
+    try:
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
-
-    try:
-        total0, idle0 = snapshot()
-        time.sleep(seconds)
-        total1, idle1 = snapshot()
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError):
         return None
-    total = total1 - total0
-    return (os.cpu_count() or 1) * (total - (idle1 - idle0)) / total if total > 0 else None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores(seconds: float = 1.0) -> float | None:
+    """Cores kept busy by all processes over the next `seconds` (None off Linux).
+
+    The parent calls it while idle, before starting a child: anything above ~0.15 is another
+    program competing for the cores. With torch's threads pinned to the core count, a competitor
+    does not slow a run proportionally: threads wait for each other at every parallel region,
+    and steps of a small model can come out several times slower.
+    """
+    start = cpu_busy_seconds()
+    time.sleep(seconds)
+    end = cpu_busy_seconds()
+    return None if start is None or end is None else (end - start) / seconds
 
 
 def wait_until_quiet(limit: float, max_wait: float) -> float | None:
@@ -85,23 +86,34 @@ def emit_result(result: dict) -> None:
 def run_child(script: str, spec: dict, *, timeout: float | None = None) -> dict:
     """Run ``python script --child <spec json>`` and return its result dict.
 
-    A child that crashes or prints no result line gives ``{"error": ...}`` with the tail of
-    its output, so one failing framework does not hide the others' numbers.
+    Adds ``other_cores``: the cores that other programs kept busy while the child ran (all busy
+    CPU time on the machine minus the child's own, over the child's wall time; None off Linux).
+    A child that crashes or prints no result line gives ``{"error": ...}`` with the tail of its
+    output, so one failing framework does not hide the others' numbers.
     """
     cmd = [sys.executable, script, "--child", json.dumps(spec)]
     env = {**os.environ, **OFFLINE_ENV}
+    busy0, own0 = cpu_busy_seconds(), _children_cpu_seconds()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    busy1, own1 = cpu_busy_seconds(), _children_cpu_seconds()
+    other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        return {"error": f"exit code {proc.returncode}", "output_tail": tail}
+        return {"error": f"exit code {proc.returncode}", "output_tail": tail, "other_cores": other}
     result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    result["child_wall_s"] = round(time.perf_counter() - t0, 1)
+    result.update(child_wall_s=round(wall, 1), other_cores=other)
     return result
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measured_window(end_times: list[float], tokens: list[int], warmup: int, steps: int) -> dict:

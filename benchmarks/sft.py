@@ -33,6 +33,13 @@ on CPU, no gradient checkpointing, ``torch.set_num_threads(2)``. TRL gets its be
 settings: ``use_cpu=True, bf16=False, gradient_checkpointing=False``, no workers, no reports,
 no saving, and logging only every 10^6 steps.
 
+Same batches: TRL reads the rows in the order of posttrain's seeded random plan
+(``plan_batches``) with a sequential sampler, so step k of ``trl``, ``trl-padding-free``,
+``posttrain`` and ``posttrain-padded-random`` trains on the same 32 examples: equal padding for
+the padded ones, and the same loss at step 1 up to float rounding (a check of the maths, not
+only of the speed). ``posttrain-padded`` and ``trl-grouped`` regroup by length, so their
+batches, and their loss@1, differ.
+
 Metrics, defined identically for every framework:
     s/step     wall time from the end of step W to the end of step W+N, divided by N
                (collation, forward, backward, clipping, optimiser step, per-step bookkeeping)
@@ -41,8 +48,13 @@ Metrics, defined identically for every framework:
                batch (the batch length when padding-free), counted in training_step, and a
                callback's clock at on_step_end.
     peak MiB   ru_maxrss of the child process at the end (imports, data, model, training)
-    loss@1     mean NLL per loss token of step 1: same initial weights, but each framework
-               orders the batches its own way, so close, not equal.
+    loss@1     mean NLL per loss token of step 1, from the same initial weights.
+    fill       real tokens / token positions (rows x row length) of the measured batches.
+
+On a shared machine another program's load wrecks CPU timings (torch's threads wait for each
+other), so the parent waits for a quiet machine before each run, measures the cores other
+programs kept busy during it (/proc/stat minus the child's own CPU time), reruns a disturbed
+run once, and marks a run that stayed disturbed with `!`.
 """
 
 from __future__ import annotations
@@ -57,7 +69,6 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from _common import (
-    busy_cores,
     emit_result,
     measured_window,
     peak_rss_mib,
@@ -73,7 +84,7 @@ LR = 1e-3
 MAX_LENGTH = 128
 THREADS = 2
 SEED = 0
-BUSY_LIMIT = 0.3  # cores kept busy by other programs before a run is flagged as unreliable
+BUSY_LIMIT = 0.15  # cores kept busy by other programs (before or during a run) that flag it unreliable
 
 VARIANTS: dict[str, dict] = {
     "posttrain": {"framework": "posttrain", "packing": True},
@@ -84,13 +95,17 @@ VARIANTS: dict[str, dict] = {
     "trl-grouped": {"framework": "trl", "group_by_length": True},
 }
 DEFAULT_VARIANTS = [v for v in VARIANTS if v != "trl-grouped"]
+# Variants that regroup the rows by length; every other one trains on the same batches (see same_order).
+GROUPED = {"posttrain-padded", "trl-grouped"}
 BASELINE = "trl"  # ratios are against this variant
 
 METHOD = (
     "tokens/s = non-padding tokens of the measured steps / wall time from the end of warm-up step W to the "
     "end of step W+N (posttrain: metrics.jsonl `tokens` and `time`; TRL: attention_mask.sum() per batch, "
     "or the row length when padding-free, and a callback clock at on_step_end). loss@1 = mean NLL per loss "
-    "token at step 1; same initial weights, but the batch order differs per framework, so close, not equal. "
+    "token at step 1, same initial weights; TRL reads the rows in posttrain's random batch order, so loss@1 "
+    "agrees to rounding except for the length-grouped variants (other batches). "
+    "fill = real tokens / token positions (rows x row length) of the measured batches. "
     "ratios = variant / trl (speed: tokens/s, higher is faster; memory: peak RSS, lower is leaner)."
 )
 
@@ -108,13 +123,9 @@ def ids_digest(sequences: list[list[int]]) -> str:
     return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
 
 
-def child_posttrain(spec: dict) -> dict:
-    """Train through the public API; read per-step times and token counts back from metrics.jsonl."""
-    from posttrain.engine.run import read_metrics
-    from posttrain.train import train
-
-    steps = spec["warmup"] + spec["steps"]
-    config = {
+def posttrain_config(spec: dict) -> dict:
+    """The run config: the benchmark's shared settings, everything else posttrain's defaults."""
+    return {
         "algorithm": "sft",
         "out": spec["run_dir"],
         "model": {"path": spec["model"]},
@@ -127,7 +138,7 @@ def child_posttrain(spec: dict) -> dict:
         "train": {
             "lr": LR,
             "batch_size": BATCH,
-            "max_steps": steps,
+            "max_steps": spec["warmup"] + spec["steps"],
             "schedule": "constant",
             "warmup_steps": 0,
             "precision": "fp32",
@@ -137,21 +148,60 @@ def child_posttrain(spec: dict) -> dict:
             "tensorboard": False,
         },
     }
+
+
+def posttrain_batches(spec: dict, packing: bool) -> tuple[int, int]:
+    """(real tokens, token positions = rows x row length) of the measured batches.
+
+    The loop logs real tokens only, so the batches are rebuilt after the run with posttrain's
+    public plan and collate functions, as the loop calls them on one process without
+    accumulation (one collated batch per step). The caller checks the real-token count against
+    the logged one, so a drift between this mirror and the loop shows instead of a wrong fill.
+    """
+    from transformers import AutoTokenizer
+
+    from posttrain.data.batching import collate, plan_batches
+    from posttrain.data.templates import encode_sft_row
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    examples = [encode_sft_row(row, tokenizer, max_length=MAX_LENGTH) for row in read_jsonl(spec["data"])]
+    grouped = spec.get("group_by_length", True) and not packing
+    plan = plan_batches([len(ex) for ex in examples], BATCH, seed=SEED, epoch=0, group_by_length=grouped)
+    tokens = positions = 0
+    for ix in plan[spec["warmup"] : spec["warmup"] + spec["steps"]]:
+        batch = collate(
+            [examples[i] for i in ix], pad_id=tokenizer.pad_token_id, packing=packing, max_length=MAX_LENGTH
+        )
+        tokens += int((batch["example_index"] >= 0).sum())
+        positions += batch["input_ids"].numel()
+    return tokens, positions
+
+
+def child_posttrain(spec: dict) -> dict:
+    """Train through the public API; read per-step times and token counts back from metrics.jsonl."""
+    from posttrain.engine.run import read_metrics
+    from posttrain.train import train
+
+    config = posttrain_config(spec)
     result = train(config)
+    peak = peak_rss_mib()  # before the bookkeeping below allocates anything
     records = [r for r in read_metrics(result.run_dir) if "step_s" in r]
     cumulative = [0] + [r["tokens"] for r in records]
     tokens = [b - a for a, b in zip(cumulative, cumulative[1:])]
     window = measured_window([r["time"] for r in records], tokens, spec["warmup"], spec["steps"])
-    inner = records[spec["warmup"] : steps]
-    manifest = json.loads((Path(result.run_dir) / "manifest.json").read_text())
+    inner = records[spec["warmup"] : spec["warmup"] + spec["steps"]]
+    packing = json.loads((Path(result.run_dir) / "manifest.json").read_text())["data"]["packing"]
+    tokens, positions = posttrain_batches(spec, packing)
     return {
         **window,
+        "peak_rss_mib": peak,
+        "fill": tokens / positions if tokens == window["measured_tokens"] else None,
         "steps_run": len(records),
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
-        # step_s excludes writing the metrics line: a check on the wall-clock window above.
+        # step_s leaves out writing the metrics line: a check on the wall-clock window above.
         "inner_s_per_step": sum(r["step_s"] for r in inner) / len(inner),
-        "packing_used": manifest["data"]["packing"],
+        "packing_used": packing,
     }
 
 
@@ -177,11 +227,13 @@ def counting_trainer(base):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.step_tokens: list[int] = []
+            self.step_positions: list[int] = []
             self.step_losses: list[float] = []
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs.get("attention_mask")
             self.step_tokens.append(int(mask.sum()) if mask is not None else inputs["input_ids"].numel())
+            self.step_positions.append(inputs["input_ids"].numel())
             loss = super().training_step(model, inputs, num_items_in_batch)
             self.step_losses.append(float(loss))
             return loss
@@ -213,7 +265,8 @@ def child_trl(spec: dict) -> dict:
         # padding_free without packing refuses a max_length; the parent checks no row exceeds it.
         max_length=None if padding_free else MAX_LENGTH,
         padding_free=padding_free,
-        train_sampling_strategy="group_by_length" if grouped else "random",
+        # Rows arrive in posttrain's batch order (see same_order) and are read sequentially.
+        train_sampling_strategy="group_by_length" if grouped else "sequential",
         use_cpu=True,
         bf16=False,
         fp16=False,
@@ -226,16 +279,21 @@ def child_trl(spec: dict) -> dict:
         seed=SEED,
     )
     clock = trl_step_clock()
+    rows = read_jsonl(spec["data"])
+    rows = rows if grouped else [rows[i] for i in spec["order"]]
     trainer = counting_trainer(SFTTrainer)(
-        model=spec["model"], args=args, train_dataset=trl_dataset(read_jsonl(spec["data"])), callbacks=[clock]
+        model=spec["model"], args=args, train_dataset=trl_dataset(rows), callbacks=[clock]
     )
     examples = trl_examples_summary(trainer.train_dataset)
     trainer.train()
+    peak = peak_rss_mib()
     window = measured_window(clock.end_times, trainer.step_tokens, spec["warmup"], spec["steps"])
     w, n = spec["warmup"], spec["steps"]
     inner = [e - b for b, e in zip(clock.begin_times[w : w + n], clock.end_times[w : w + n])]
     return {
         **window,
+        "peak_rss_mib": peak,
+        "fill": window["measured_tokens"] / sum(trainer.step_positions[w : w + n]),
         "steps_run": len(clock.end_times),
         "first_loss": trainer.step_losses[0],
         "last_loss": trainer.step_losses[-1],
@@ -250,9 +308,7 @@ def child_trl(spec: dict) -> dict:
 def child_main(spec: dict) -> None:
     setup_child(THREADS)
     run = child_posttrain if spec["framework"] == "posttrain" else child_trl
-    result = run(spec)
-    result["peak_rss_mib"] = peak_rss_mib()
-    emit_result(result)
+    emit_result(run(spec))
 
 
 # ------------------------------------------------------------------------------------- parent
@@ -269,14 +325,25 @@ def prepare(work: Path, sizes: list[str], n_rows: int) -> tuple[dict[str, str], 
     return models, str(data)
 
 
-def check_loss_tokens(trl_examples: dict | None, model: str, data: str) -> dict:
-    """Compare posttrain's encoding of the rows with TRL's processed dataset, example by example."""
+def same_order(n_rows: int) -> list[int]:
+    """The row order of posttrain's unpacked-or-packed random plan for epoch 0 (without length
+    grouping the plan ignores lengths). TRL reads the rows in this order, so that step k of trl,
+    trl-padding-free, posttrain and posttrain-padded-random trains on the same 32 examples."""
+    from posttrain.data.batching import plan_batches
+
+    return [i for batch in plan_batches([1] * n_rows, BATCH, seed=SEED, epoch=0) for i in batch]
+
+
+def check_loss_tokens(trl_examples: dict | None, model: str, data: str, order: list[int]) -> dict:
+    """Compare posttrain's encoding of the rows with TRL's processed dataset (which holds the rows
+    in `order`), example by example."""
     from transformers import AutoTokenizer
 
     from posttrain.data.templates import encode_sft_row
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    encoded = [encode_sft_row(row, tokenizer, max_length=MAX_LENGTH) for row in read_jsonl(data)]
+    rows = read_jsonl(data)
+    encoded = [encode_sft_row(rows[i], tokenizer, max_length=MAX_LENGTH) for i in order]
     mine = {
         "lengths": [len(ex) for ex in encoded],
         "loss_tokens": [ex.num_loss_tokens for ex in encoded],
@@ -304,7 +371,9 @@ def check_loss_tokens(trl_examples: dict | None, model: str, data: str) -> dict:
     return check
 
 
-def run_size(size: str, variants: list[str], models: dict, data: str, work: Path, args) -> dict:
+def run_size(
+    size: str, variants: list[str], models: dict, data: str, order: list[int], work: Path, args
+) -> dict:
     """Run every variant of one size, each in its own child process."""
     results = {}
     for name in variants:
@@ -316,6 +385,7 @@ def run_size(size: str, variants: list[str], models: dict, data: str, work: Path
             "run_dir": str(work / f"run-{size}-{name}"),
             "warmup": args.warmup,
             "steps": args.steps,
+            "order": order,
             "report_examples": size == "tiny" and name == BASELINE,
         }
         results[name] = run_quietly(spec, f"[{size}] {name}", args)
@@ -323,22 +393,22 @@ def run_size(size: str, variants: list[str], models: dict, data: str, work: Path
 
 
 def run_quietly(spec: dict, label: str, args) -> dict:
-    """Run one child once the machine is quiet; run it again (up to --retries) when another program
-    competed for the cores meanwhile. A run that stays noisy is kept, flagged `noisy`."""
+    """Run one child once the machine is quiet; run it again (up to --retries) when other programs
+    kept the cores busy meanwhile. A run that stays disturbed is kept, flagged `noisy`."""
     for attempt in range(args.retries + 1):
         before = wait_until_quiet(BUSY_LIMIT, args.wait_quiet)
         print(f"{label} ..." + (f" (retry {attempt})" if attempt else ""), flush=True)
         result = run_child(
             __file__, {**spec, "run_dir": f"{spec['run_dir']}-{attempt}"}, timeout=args.timeout
         )
-        result["busy_cores_before_after"] = [before, busy_cores()]
+        result["busy_cores_before"] = before
         if "error" in result:
             print(f"{label} failed: {result['error']}\n  " + "\n  ".join(result.get("output_tail", [])))
-        busy = [x for x in result["busy_cores_before_after"] if x is not None]
-        result["noisy"] = bool(busy) and max(busy) > BUSY_LIMIT
+        busy = max((x for x in (before, result.get("other_cores")) if x is not None), default=0.0)
+        result["noisy"] = busy > BUSY_LIMIT
         if not result["noisy"]:
             break
-        print(f"{label}: WARNING another program kept {max(busy):.1f} cores busy around this run")
+        print(f"{label}: WARNING other programs kept {busy:.2f} cores busy around this run")
     if result["noisy"]:
         print(f"{label}: figures NOT reliable (machine busy); rerun on a quiet machine")
     return result
@@ -352,22 +422,34 @@ def add_ratios(results: dict) -> None:
         r["memory_ratio"] = ratio(r.get("peak_rss_mib"), base.get("peak_rss_mib"))
 
 
+def loss_agreement(results: dict) -> float | None:
+    """Largest |loss@1 - TRL's loss@1| over the variants that train on TRL's batches."""
+    base = results.get(BASELINE, {}).get("first_loss")
+    same = [r["first_loss"] for name, r in results.items() if name not in GROUPED and "first_loss" in r]
+    return None if base is None or not same else max(abs(x - base) for x in same)
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_table(all_results: dict) -> None:
-    head = f"{'size':6} {'framework':18} {'s/step':>8} {'tokens/s':>9} {'peak MiB':>9} {'loss@1':>7}  | ratio vs TRL (speed, memory)"
+    """One line per (size, variant); `!` marks a run disturbed by another program."""
+    head = (
+        f"{'size':6} {'framework':24} {'s/step':>8} {'tokens/s':>9} {'fill':>5} {'peak MiB':>9} {'loss@1':>8}"
+        "  | ratio vs TRL (speed, memory)"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for size, results in all_results.items():
         for name, r in results.items():
             if "error" in r:
-                print(f"{size:6} {name:18} error: {r['error']}")
+                print(f"{size:6} {name:24} error: {r['error']}")
                 continue
-            mark = "!" if r.get("noisy") else ""
+            label = name + ("!" if r.get("noisy") else "")
             print(
-                f"{size:6} {name + mark:18} {r['s_per_step']:8.4f} {r['tokens_per_s']:9.0f} {r['peak_rss_mib']:9.0f} "
-                f"{r['first_loss']:7.3f}  | {fmt(r['speed_ratio'], '5.2f')}x  {fmt(r['memory_ratio'], '5.2f')}x"
+                f"{size:6} {label:24} {r['s_per_step']:8.4f} {r['tokens_per_s']:9.0f} {fmt(r['fill'], '5.2f'):>5} "
+                f"{r['peak_rss_mib']:9.0f} {r['first_loss']:8.5f}  | "
+                f"{fmt(r['speed_ratio'], '5.2f')}x  {fmt(r['memory_ratio'], '5.2f')}x"
             )
 
 
@@ -419,20 +501,25 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
     """Prepare, run every (size, variant), check the loss tokens, print; returns the JSON report."""
     n_rows = BATCH * (args.warmup + args.steps)  # one epoch, every batch full
     models, data = prepare(work, sizes, n_rows)
-    all_results = {size: run_size(size, variants, models, data, work, args) for size in sizes}
+    order = same_order(n_rows)
+    all_results = {size: run_size(size, variants, models, data, order, work, args) for size in sizes}
     for results in all_results.values():
         add_ratios(results)
 
     check = None
     if "tiny" in sizes:
         trl_examples = all_results["tiny"].get(BASELINE, {}).pop("examples", None)
-        check = check_loss_tokens(trl_examples, models["tiny"], data)
+        check = check_loss_tokens(trl_examples, models["tiny"], data, order)
         print(f"\nloss tokens per example (tiny): {check['verdict']}; {json.dumps(check)}")
     for results in all_results.values():
         for r in results.values():
             r.pop("examples", None)
 
     print_table(all_results)
+    agreement = {size: loss_agreement(results) for size, results in all_results.items()}
+    same = ", ".join(v for v in variants if v not in GROUPED)
+    for size, diff in agreement.items():
+        print(f"loss@1 on identical batches ({same}), {size}: max |diff| vs trl = {fmt(diff, '.2e')}")
     if any(r.get("noisy") for results in all_results.values() for r in results.values()):
         print("! another program competed for the CPU during this run: its figures are not reliable")
     print(METHOD)
@@ -451,6 +538,7 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
         "method": METHOD,
         "versions": versions(),
         "loss_token_check": check,
+        "loss1_max_abs_diff_same_batches": agreement,
         "results": all_results,
     }
 

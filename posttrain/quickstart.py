@@ -40,7 +40,7 @@ class Budget:
     base_steps: int = 400
     sft_steps: int = 500
     reward_steps: int = 150
-    dpo_steps: int = 100
+    dpo_steps: int = 200
     eval_per_level: int = 200
     rows: int = 20_000  # rows per generated training file
 
@@ -89,7 +89,7 @@ def dpo_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
         out=str(out / "dpo"),
         model=ModelConfig(path=str(out / "sft" / "final")),
         data=DataConfig(train=str(pref["pref_train"]), max_length=128),
-        train=TrainConfig(lr=1e-4, batch_size=64, max_steps=budget.dpo_steps, warmup_steps=10, log_every=10),
+        train=TrainConfig(lr=3e-5, batch_size=64, max_steps=budget.dpo_steps, warmup_steps=10, log_every=10),
     )
 
 

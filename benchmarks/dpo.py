@@ -98,6 +98,10 @@ from _common import (
     wait_until_quiet,
 )
 
+# The checkout this script lives in: its posttrain is the one measured, whatever an editable
+# install elsewhere on the machine points at (checked in the output: `posttrain_path`).
+REPO = Path(__file__).resolve().parents[1]
+
 BATCH = 32
 LR = 1e-4
 BETA = 0.1
@@ -166,6 +170,7 @@ def child_posttrain(spec: dict, started: float) -> dict:
     from posttrain.engine.run import read_metrics
 
     import_s = time.perf_counter() - t_import
+    posttrain_path = str(Path(stage.__file__).parent)
     ref_pass = []
     # train() calls the module-level `prepare` for its reference pass: time it from outside.
     if hasattr(stage, "prepare"):
@@ -193,6 +198,7 @@ def child_posttrain(spec: dict, started: float) -> dict:
         **window,
         "peak_rss_mib": peak,
         "steps_run": len(records),
+        "posttrain_path": posttrain_path,
         "import_s": import_s,
         "ref_pass_s": sum(ref_pass) if ref_pass else None,
         "setup_s": times[0] - records[0]["step_s"] - started,  # until step 1 begins
@@ -553,8 +559,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 DEFAULT_STEPS = {"tiny": 20, "small": 3}
 
 
+def use_this_checkout() -> None:
+    if (REPO / "posttrain" / "__init__.py").exists() and str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    use_this_checkout()
     if args.child:
         return child_main(json.loads(args.child))
     variants = [v for v in args.variants.split(",") if v]
@@ -661,6 +673,9 @@ def versions() -> dict:
             found[name] = version(name)
         except PackageNotFoundError:
             found[name] = None
+    import posttrain
+
+    found["posttrain_path"] = str(Path(posttrain.__file__).parent)  # the code measured
     return found
 
 

@@ -17,6 +17,13 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# Benchmark the posttrain next to these scripts, not whichever copy happens to be installed
+# (an editable install can point at another checkout).
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 RESULT_PREFIX = "RESULT "
 

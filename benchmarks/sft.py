@@ -546,7 +546,9 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
+    import posttrain
+
+    found = {"posttrain_path": str(Path(posttrain.__file__).parent)}
     for name in ("posttrain", "torch", "transformers", "trl", "accelerate"):
         try:
             found[name] = version(name)

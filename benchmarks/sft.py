@@ -191,11 +191,11 @@ def child_posttrain(spec: dict) -> dict:
     window = measured_window([r["time"] for r in records], tokens, spec["warmup"], spec["steps"])
     inner = records[spec["warmup"] : spec["warmup"] + spec["steps"]]
     packing = json.loads((Path(result.run_dir) / "manifest.json").read_text())["data"]["packing"]
-    tokens, positions = posttrain_batches(spec, packing)
+    rebuilt_tokens, positions = posttrain_batches(spec, packing)
     return {
         **window,
         "peak_rss_mib": peak,
-        "fill": tokens / positions if tokens == window["measured_tokens"] else None,
+        "fill": rebuilt_tokens / positions if rebuilt_tokens == window["measured_tokens"] else None,
         "steps_run": len(records),
         "first_loss": records[0]["loss"],
         "last_loss": records[-1]["loss"],
@@ -284,7 +284,7 @@ def child_trl(spec: dict) -> dict:
     trainer = counting_trainer(SFTTrainer)(
         model=spec["model"], args=args, train_dataset=trl_dataset(rows), callbacks=[clock]
     )
-    examples = trl_examples_summary(trainer.train_dataset)
+    examples = trl_examples_summary(trainer.train_dataset) if spec.get("report_examples") else None
     trainer.train()
     peak = peak_rss_mib()
     window = measured_window(clock.end_times, trainer.step_tokens, spec["warmup"], spec["steps"])
@@ -301,7 +301,7 @@ def child_trl(spec: dict) -> dict:
         "inner_s_per_step": sum(inner) / len(inner),
         "optim": getattr(args.optim, "value", str(args.optim)),
         "attn_implementation": trainer.model.config._attn_implementation,
-        "examples": examples if spec.get("report_examples") else None,
+        "examples": examples,
     }
 
 
@@ -326,9 +326,10 @@ def prepare(work: Path, sizes: list[str], n_rows: int) -> tuple[dict[str, str], 
 
 
 def same_order(n_rows: int) -> list[int]:
-    """The row order of posttrain's unpacked-or-packed random plan for epoch 0 (without length
-    grouping the plan ignores lengths). TRL reads the rows in this order, so that step k of trl,
-    trl-padding-free, posttrain and posttrain-padded-random trains on the same 32 examples."""
+    """The row order of posttrain's epoch-0 plan without length grouping (packed, or padded with
+    data.group_by_length=false): a seeded shuffle that ignores the lengths. TRL reads the rows in
+    this order, so step k of trl, trl-padding-free, posttrain and posttrain-padded-random trains
+    on the same 32 examples."""
     from posttrain.data.batching import plan_batches
 
     return [i for batch in plan_batches([1] * n_rows, BATCH, seed=SEED, epoch=0) for i in batch]
@@ -429,8 +430,8 @@ def loss_agreement(results: dict) -> float | None:
     return None if base is None or not same else max(abs(x - base) for x in same)
 
 
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def fmt(value, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
 
 
 def print_table(all_results: dict) -> None:
@@ -449,7 +450,7 @@ def print_table(all_results: dict) -> None:
             print(
                 f"{size:6} {label:24} {r['s_per_step']:8.4f} {r['tokens_per_s']:9.0f} {fmt(r['fill'], '5.2f'):>5} "
                 f"{r['peak_rss_mib']:9.0f} {r['first_loss']:8.5f}  | "
-                f"{fmt(r['speed_ratio'], '5.2f')}x  {fmt(r['memory_ratio'], '5.2f')}x"
+                f"{fmt(r['speed_ratio'], '5.2f', 'x')}  {fmt(r['memory_ratio'], '5.2f', 'x')}"
             )
 
 
@@ -519,7 +520,8 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
     agreement = {size: loss_agreement(results) for size, results in all_results.items()}
     same = ", ".join(v for v in variants if v not in GROUPED)
     for size, diff in agreement.items():
-        print(f"loss@1 on identical batches ({same}), {size}: max |diff| vs trl = {fmt(diff, '.2e')}")
+        if diff is not None:
+            print(f"loss@1 on identical batches ({same}), {size}: max |diff| vs trl = {fmt(diff, '.2e')}")
     if any(r.get("noisy") for results in all_results.values() for r in results.values()):
         print("! another program competed for the CPU during this run: its figures are not reliable")
     print(METHOD)

@@ -57,8 +57,11 @@ TRL's chunked LM head change the order of floating-point sums: expect ~1e-7, not
 Metrics, defined identically for every framework:
     s/step      wall time from the end of warm-up step W to the end of step W+N, divided by N
                 (collation, forward(s), backward, clipping, optimiser step, per-step bookkeeping);
-                one column per repeat. steps/s and the ratios use the faster repeat.
-    peak MiB    ru_maxrss of the child at the end (imports, data, model(s), reference pass, training)
+                one column per repeat. steps/s, setup, total and the ratios use the faster repeat.
+    peak MiB    ru_maxrss of the child at the end (imports, data, model(s), reference pass,
+                training), the largest over repeats. It includes freed memory that glibc's heap keeps
+                (its mmap threshold adapts to the tensor sizes seen): expect ~+-100 MiB between
+                repeats at ``small``; MALLOC_MMAP_THRESHOLD_=131072 shows live memory, but slows steps.
     ref s       the reference pass before training: posttrain's ``prepare`` (wrapped with a timer),
                 TRL's ``_precompute_ref_logps``; "-" for TRL's default (it runs the reference model
                 inside every step instead, which s/step then includes)
@@ -71,8 +74,10 @@ Metrics, defined identically for every framework:
 
 On a shared machine another program's load wrecks CPU timings (torch's threads wait for each
 other), so the parent waits for a quiet machine before each run and records the cores other
-programs kept busy during it; a run disturbed that way is marked ``!``. TRL not installed: its
-variants are skipped and posttrain's figures are still reported.
+programs kept busy during it; a variant whose shown (fastest) repeat was disturbed is marked
+``!`` (per-repeat flags in the JSON). If the machine stays busy, ``--threads 1`` degrades far less
+than 2 threads sharing cores with others. TRL not installed: its variants are skipped and
+posttrain's figures are still reported.
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -334,8 +340,6 @@ def child_trl(spec: dict, started: float) -> dict:
 
 def child_main(spec: dict) -> None:
     setup_child(spec["threads"])
-    import os
-
     os.environ["TQDM_DISABLE"] = "1"  # TRL's precompute progress bar
     # Both clocks at the same instant: posttrain logs time.time(), the TRL callback perf_counter().
     if spec["framework"] == "posttrain":
@@ -443,22 +447,23 @@ def run_one(spec: dict, label: str, args) -> dict:
 
 
 def summarise(reps: list[dict]) -> dict:
-    """One variant's repeats -> its row: every repeat's s/step, the fastest for ratios, the first's numbers."""
+    """One variant's repeats -> its row: every repeat's s/step, the fastest one's figures for the table
+    and the ratios, the largest peak RSS."""
     ok = [r for r in reps if "error" not in r]
     if not ok:
         return {"error": reps[-1].get("error"), "repeats": reps}
     best = min(ok, key=lambda r: r["s_per_step"])
-    per_repeat = ("s_per_step", "tokens_per_s", "measured_s", "noisy", "other_cores", "busy_cores_before")
-    row = {k: v for k, v in ok[0].items() if k not in per_repeat}
+    # Timings of the fastest (least disturbed) repeat; every repeat's in the *_repeats lists.
+    row = {k: v for k, v in best.items() if k not in ("noisy", "other_cores", "busy_cores_before")}
     row.update(
         s_per_step_repeats=[r["s_per_step"] for r in ok],
-        s_per_step=best["s_per_step"],
         steps_per_s=1 / best["s_per_step"],
-        tokens_per_s=best["tokens_per_s"],
         peak_rss_mib=max(r["peak_rss_mib"] for r in ok),
         peak_rss_mib_repeats=[r["peak_rss_mib"] for r in ok],
+        setup_s_repeats=[r["setup_s"] for r in ok],
         total_s_repeats=[r["total_s"] for r in ok],
         noisy=[r["noisy"] for r in ok],
+        noisy_used=best["noisy"],  # the repeat whose figures are shown was disturbed
         other_cores_repeats=[r.get("other_cores") for r in ok],
         busy_cores_before_repeats=[r.get("busy_cores_before") for r in ok],
         # Same seed, same data: repeats must give the same losses (a check on determinism).
@@ -507,7 +512,7 @@ def print_tables(all_results: dict, kind: str) -> None:
             if "error" in r:
                 print(f"{size:6} {name:17} error: {r['error']}")
                 continue
-            label = name + ("!" if any(r["noisy"]) else "")
+            label = name + ("!" if r["noisy_used"] else "")
             reps = " ".join(f"{x:.4f}" for x in r["s_per_step_repeats"])
             print(
                 f"{size:6} {label:17} {reps:>18} {r['steps_per_s']:8.2f} {fmt(r.get('fill'), '5.2f'):>5} "
@@ -638,7 +643,7 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
         )
 
     print_tables(all_results, args.kind)
-    if any(any(r.get("noisy", [])) for res in all_results.values() for r in res.values()):
+    if any(r.get("noisy_used") for res in all_results.values() for r in res.values()):
         print("! another program competed for the CPU during this run: its figures are not reliable")
     return {
         "settings": {

@@ -14,9 +14,12 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 
 # Benchmark the posttrain next to these scripts, not whichever copy happens to be installed
@@ -172,3 +175,27 @@ def trl_step_clock():
             self.end_times.append(time.perf_counter())
 
     return StepClock()
+
+
+def bench_main(args, variants_table: dict, run_all, name: str) -> None:
+    """The parent side of a benchmark: check the variants, skip TRL when absent, run every
+    (size, variant) in a work directory, write the JSON report to args.out."""
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in variants_table]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {list(variants_table)}")
+    if find_spec("trl") is None:
+        print("trl is not installed: TRL runs skipped, posttrain figures only (pip install trl)")
+        variants = [v for v in variants if variants_table[v]["framework"] != "trl"]
+    sizes = [s for s in args.sizes.split(",") if s]
+    work = Path(args.work or tempfile.mkdtemp(prefix=f"posttrain-bench-{name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run_all(args, sizes, variants, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten: {out}")

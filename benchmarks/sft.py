@@ -62,13 +62,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import sys
-import tempfile
-from importlib.util import find_spec
 from pathlib import Path
 
 from _common import (
+    bench_main,
     emit_result,
     measured_window,
     peak_rss_mib,
@@ -477,25 +474,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child_main(json.loads(args.child))
-    variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        sys.exit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if find_spec("trl") is None:
-        print("trl is not installed: TRL runs skipped, posttrain figures only (pip install trl)")
-        variants = [v for v in variants if VARIANTS[v]["framework"] != "trl"]
-    sizes = [s for s in args.sizes.split(",") if s]
-    work = Path(args.work or tempfile.mkdtemp(prefix="posttrain-bench-sft-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        report = run_all(args, sizes, variants, work)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwritten: {out}")
+    bench_main(args, VARIANTS, run_all, "sft")
 
 
 def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:

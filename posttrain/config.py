@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
+from posttrain.monitor.rules import MonitorConfig
 
 
 class Section(BaseModel):
@@ -186,13 +187,127 @@ class KTOOptions(Section):
     undesirable_weight: float = Field(1.0, gt=0, description="lambda_U.")
 
 
+class RolloutConfig(Section):
+    """Generation for online RL: how many samples, how they are drawn, by which engine."""
+
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="'auto': vLLM when it is installed and a GPU is present, else the HF engine."
+    )
+    prompts_per_step: int = Field(16, gt=0, description="Prompts per rollout, over all processes.")
+    group_size: int = Field(8, gt=0, description="Completions sampled per prompt (G).")
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the loss uses the same).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0: no top-k.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (besides the eos token).")
+    max_policy_lag: int = Field(
+        0,
+        ge=0,
+        description="0: synchronous (generate, then train). k > 0: generation runs ahead of training in a "
+        "background thread by at most k policy versions; the PPO ratio against the sampling policy corrects "
+        "for the staleness.",
+    )
+    generation_batch_size: int | None = Field(
+        None, gt=0, description="Sequences per generation forward (HF engine); default: all at once."
+    )
+    samples_log: bool = Field(True, description="Write every sample with its rewards to samples.jsonl.")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+
+
+class RLOptions(Section):
+    """Online RL: advantages, policy loss, KL, rewards (section `rl`; presets by algorithm name)."""
+
+    rewards: list[str | dict] = Field(
+        default_factory=lambda: ["exact_match"],
+        description="Reward functions: built-in names, {name: ..., weight: ..., <options>}, or "
+        "'module:function' import paths. Their weighted sum is the reward; each is logged.",
+    )
+    advantage: Literal["group", "rloo", "reinforce_pp", "gae"] = Field(
+        "group", description="group (GRPO), rloo (leave-one-out), reinforce_pp (batch-normalised), gae (PPO)."
+    )
+    scale: Literal["std", "batch", "none"] = Field(
+        "std",
+        description="Group advantages: divide by the group's std (GRPO), the batch's, or not (Dr. GRPO).",
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="How token losses become the batch loss: over all tokens (DAPO), per sequence then over "
+        "sequences (GRPO), or per-sequence sums over a constant length (Dr. GRPO).",
+    )
+    clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 - clip_low.")
+    clip_high: float = Field(
+        0.2, ge=0, description="Ratio clip above: 1 + clip_high (DAPO's clip-higher: 0.28)."
+    )
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages.")
+    epochs: int = Field(1, gt=0, description="Passes over each rollout (PPO epochs; GRPO's mu).")
+    minibatches: int = Field(1, gt=0, description="Optimiser steps per pass over a rollout.")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference strength (beta); 0: no reference model.")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = Field(
+        False,
+        description="Subtract kl_coef * KL from the per-token reward (PPO) instead of adding a KL loss.",
+    )
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL controller target (Ziegler et al.).")
+    kl_horizon: int = Field(10_000, gt=0)
+    dynamic_sampling: bool = Field(
+        False, description="DAPO: drop groups whose rewards are all equal and sample more prompts to refill."
+    )
+    max_resample_rounds: int = Field(4, ge=0, description="Extra generation rounds to refill the batch.")
+    overlong_penalty: bool = Field(
+        False, description="DAPO's soft overlong punishment as a reward component."
+    )
+    overlong_cache: int | None = Field(
+        None, gt=0, description="Tokens before max_new_tokens where the penalty ramps in (default: a fifth)."
+    )
+    mask_truncated: bool = Field(False, description="Give completions cut at max_new_tokens no loss.")
+    success_threshold: float = Field(1.0, description="Reward at or above which a sample counts as a pass.")
+    eval_rewards: list[str | dict] | None = Field(
+        None,
+        description="Reward fns of the held-out eval during training (data.eval, every train.eval_every "
+        "steps); default: `rewards`. A gold metric here lets the reward-hacking alert compare.",
+    )
+    # PPO
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    value_clip: float | None = Field(0.2, gt=0)
+    whiten_rewards: bool = False
+    critic: str | None = Field(
+        None,
+        description="PPO critic: None for a value head on the policy, or a model path for a separate one.",
+    )
+
+
+RL_PRESETS: dict[str, dict] = {
+    # Shao et al. 2024: group-std advantages, per-sequence token means.
+    "grpo": {"advantage": "group", "scale": "std", "aggregation": "seq_mean_token_mean"},
+    # Liu et al. 2025 (Understanding R1-Zero-like training): no std division, constant length normaliser.
+    "dr_grpo": {"advantage": "group", "scale": "none", "aggregation": "seq_mean_token_sum_norm"},
+    # Yu et al. 2025: clip-higher, dynamic sampling, token-level loss, soft overlong punishment.
+    "dapo": {
+        "advantage": "group", "scale": "std", "aggregation": "token_mean", "clip_high": 0.28,
+        "dynamic_sampling": True, "overlong_penalty": True,
+    },
+    # Ahmadian et al. 2024: leave-one-out baseline.
+    "rloo": {"advantage": "rloo", "aggregation": "token_mean"},
+    # Hu 2025: batch-normalised advantages, token KL in the reward.
+    "reinforce_pp": {"advantage": "reinforce_pp", "aggregation": "token_mean", "kl_in_reward": True},
+    # Schulman et al. 2017 / Ouyang et al. 2022: value head, GAE, KL penalty in the reward.
+    "ppo": {"advantage": "gae", "aggregation": "token_mean", "kl_in_reward": True, "kl_coef": 0.05,
+            "epochs": 2, "minibatches": 2},
+}  # fmt: skip
+ONLINE = tuple(RL_PRESETS)
+# Online defaults of the loop: Adam's beta2 0.999 reacts too slowly to the sudden gradient-scale changes of
+# RL and can collapse the policy (seen with TRL's defaults on the bundled task); 0.99 and a constant lr.
+ONLINE_TRAIN_DEFAULTS = {"betas": (0.9, 0.99), "schedule": "constant"}
+
 # algorithm: presets of the `dpo` section it implies
 PREFERENCE_PRESETS = {
     "dpo": {},
     "orpo": {"kind": "orpo", "sft_weight": 1.0},
     "simpo": {"kind": "simpo", "beta": 2.0},
 }
-ALGORITHMS = ("sft", "reward", "kto", *PREFERENCE_PRESETS)
+ALGORITHMS = ("sft", "reward", "kto", *PREFERENCE_PRESETS, *ONLINE)
 
 
 class RunConfig(Section):
@@ -206,16 +321,30 @@ class RunConfig(Section):
     dpo: PreferenceOptions = PreferenceOptions()
     reward: RewardOptions = RewardOptions()
     kto: KTOOptions = KTOOptions()
+    rollout: RolloutConfig = RolloutConfig()
+    rl: RLOptions = RLOptions()
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _presets(cls, raw):
-        """`algorithm: orpo` / `simpo` are DPO-family presets: fill the keys the user left out."""
-        if isinstance(raw, dict) and raw.get("algorithm") in PREFERENCE_PRESETS:
-            section = raw.get("dpo") or {}
-            if isinstance(section, dict):
-                raw = {**raw, "dpo": {**PREFERENCE_PRESETS[raw["algorithm"]], **section}}
+        """`algorithm: orpo` / `simpo` are DPO-family presets, `grpo`, `dapo`, `ppo`, ... RL presets:
+        fill the keys the user left out."""
+        if not isinstance(raw, dict):
+            return raw
+        algorithm = raw.get("algorithm")
+        presets = [("dpo", PREFERENCE_PRESETS.get(algorithm))]
+        if algorithm in RL_PRESETS:
+            presets += [("rl", RL_PRESETS[algorithm]), ("train", ONLINE_TRAIN_DEFAULTS)]
+        for name, preset in presets:
+            section = raw.get(name) or {}
+            if preset is not None and isinstance(section, dict):
+                raw = {**raw, name: {**preset, **section}}
         return raw
+
+    @property
+    def online(self) -> bool:
+        return self.algorithm in ONLINE
 
     @model_validator(mode="after")
     def _check_batch(self) -> RunConfig:

@@ -17,7 +17,7 @@ from posttrain.data.batching import collate, packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
 from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
 
 
@@ -82,6 +82,16 @@ def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) 
     return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples), examples=examples)
 
 
+def build_monitor(cfg: RunConfig, run: Run, accelerator):
+    """The health monitor of the stage (None when disabled); only the main process writes alerts."""
+    main = accelerator.is_main_process
+    return cfg.monitor.build(
+        "online" if cfg.online else "offline",
+        alerts_path=run.path / "alerts.jsonl" if main else None,
+        echo=accelerator.print,
+    )
+
+
 def reference_models(cfg: RunConfig) -> list[str]:
     ref = cfg.dpo.ref_model if cfg.algorithm == "dpo" else None
     return [ref] if ref else []
@@ -113,6 +123,8 @@ def prepare(
 
 def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    if cfg.online:
+        return train_online(cfg, resume=resume)
     algo = algorithms.get(cfg.algorithm)
     accelerator = make_accelerator(cfg.train.precision)
     from accelerate.utils import set_seed
@@ -161,8 +173,202 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
         data=data,
         eval_data=eval_data,
         run=run,
+        monitor=build_monitor(cfg, run, accelerator),
         resume=resume,
     )
+    final = None
+    if result.interrupted is None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = run.final
+            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
+            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
+        accelerator.wait_for_everyone()
+    return StageResult(
+        run_dir=run.path,
+        final=final,
+        step=result.step,
+        metrics=result.metrics,
+        eval_metrics=result.eval_metrics,
+        interrupted=result.interrupted,
+    )
+
+
+# --------------------------------------------------------------------------------------------- online
+
+
+def prompt_rows(paths: list[str], tokenizer, cfg: RunConfig) -> list[dict]:
+    """Validated prompt rows; a prompt that leaves no room for max_new_tokens within max_length is an error
+    naming its file and line."""
+    from posttrain.rollout.source import encode_prompts
+
+    rows, errors = [], []
+    room = cfg.data.max_length - cfg.rollout.max_new_tokens
+    for path in paths:
+        located = load_rows(path, "prompt")
+        _, ids = encode_prompts(tokenizer, [row for _, row in located])
+        for (loc, row), prompt in zip(located, ids):
+            if len(prompt) > room:
+                errors.append(
+                    f"{loc}: field 'prompt': {len(prompt)} tokens; with rollout.max_new_tokens="
+                    f"{cfg.rollout.max_new_tokens} it does not fit data.max_length={cfg.data.max_length}"
+                )
+            else:
+                rows.append(row)
+    if errors:
+        raise DataError(f"{len(errors)} prompt(s) too long:\n  " + "\n  ".join(errors[:20]))
+    if not rows:
+        raise DataError(f"{', '.join(paths)}: no prompts")
+    return rows
+
+
+def build_reward(specs: list, cfg: RunConfig, *, shaping: bool):
+    """The weighted reward of `rl.rewards` (or `rl.eval_rewards`); with `shaping`, DAPO's overlong
+    penalty is added when `rl.overlong_penalty` asks for it (evaluations score without it)."""
+    from posttrain.rewards import combine
+
+    specs = list(specs)
+    if shaping and cfg.rl.overlong_penalty:
+        n = cfg.rollout.max_new_tokens
+        specs.append(
+            {"name": "overlong_penalty", "max_length": n, "cache": cfg.rl.overlong_cache or max(1, n // 5)}
+        )
+    if not specs:
+        raise ConfigError("rl.rewards is empty: an online stage needs at least one reward fn")
+    try:
+        return combine(specs)
+    except (ValueError, TypeError, ImportError) as e:
+        raise ConfigError(f"rl.rewards: {e}") from None
+
+
+def make_engine(cfg: RunConfig, model, tokenizer, accelerator):
+    """The generation engine: vLLM when asked for (or 'auto' with vLLM and a GPU), else HF."""
+    import importlib.util
+
+    import torch
+
+    from posttrain.rollout.engine import HFEngine
+
+    kind = cfg.rollout.engine
+    if kind == "auto":
+        kind = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+    if kind == "vllm":
+        from posttrain.rollout.vllm import VLLMEngine
+
+        return VLLMEngine(cfg, model, tokenizer, accelerator)
+    return HFEngine(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+
+
+def online_evaluator(cfg: RunConfig, rows: list[dict], engine, tokenizer, reward, accelerator):
+    """Greedy held-out evaluation inside training: mean reward and pass@1 (reward >= success_threshold)."""
+    import torch
+
+    from posttrain.rollout.engine import Sampling
+    from posttrain.rollout.source import encode_prompts
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = rows[rank::world]
+    texts, ids = encode_prompts(tokenizer, mine)
+    greedy = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0, stop=tuple(cfg.rollout.stop))
+
+    def evaluate(model) -> dict[str, float]:
+        completions = [g[0] for g in engine.generate(ids, 1, greedy)]
+        fields = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
+        fields["completion_lengths"] = [len(c.token_ids) for c in completions]
+        fields["finish_reasons"] = [c.finish_reason for c in completions]
+        scores = reward.score(texts, [c.text for c in completions], **fields)
+        total = torch.tensor(scores.total, dtype=torch.float32)
+        sums = torch.tensor(
+            [
+                float(len(mine)),
+                float(total.sum()),
+                float((total >= cfg.rl.success_threshold).sum()),
+                float(sum(fields["completion_lengths"])),
+            ],
+            device=accelerator.device,
+        )
+        sums = accelerator.reduce(sums, "sum").cpu()
+        n = sums[0].item()
+        return {
+            "eval/reward": sums[1].item() / n,
+            "eval/pass@1": sums[2].item() / n,
+            "eval/completion_length": sums[3].item() / n,
+        }
+
+    return evaluate
+
+
+def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
+    """An online RL stage (GRPO family, PPO): the loop over rollouts of the policy itself."""
+    from accelerate.utils import set_seed
+
+    from posttrain.rollout.source import RolloutSource
+
+    algo = algorithms.get(cfg.algorithm)
+    accelerator = make_accelerator(cfg.train.precision)
+    set_seed(cfg.train.seed)
+    run = Run(cfg.out, write=accelerator.is_main_process)
+    tokenizer = load_tokenizer(cfg.model)
+    train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
+    rows = prompt_rows(train_files, tokenizer, cfg)
+    eval_rows = prompt_rows(eval_files, tokenizer, cfg) if eval_files else None
+    reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
+    eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
+
+    model = algo.load_model(cfg) if hasattr(algo, "load_model") else load_model(cfg.model)
+    reference = None
+    if cfg.rl.kl_coef > 0:
+        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
+        reference.to(accelerator.device)
+    trainable, total = count_parameters(model)
+    accelerator.print(
+        f"{cfg.algorithm}: {len(rows)} prompts x {cfg.rollout.group_size} samples, model "
+        f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
+    )
+    run.write_text("config.yaml", dump_config(cfg))
+    run.write_manifest(
+        config=cfg.model_dump(mode="json"),
+        seed=cfg.train.seed,
+        inputs=train_files + eval_files,
+        models=[cfg.model.path] + ([cfg.rl.critic] if cfg.rl.critic else []),
+        data={"prompts": len(rows), "eval_prompts": len(eval_rows or [])},
+        parameters={"total": total, "trainable": trainable},
+        processes=accelerator.num_processes,
+    )
+    model.to(accelerator.device)
+    engine = make_engine(
+        cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
+    )
+    if not resume and run.samples_file.exists() and accelerator.is_main_process:
+        run.samples_file.unlink()
+    source = RolloutSource(
+        cfg,
+        rows=rows,
+        tokenizer=tokenizer,
+        engine=engine,
+        reward=reward,
+        algo=algo,
+        accelerator=accelerator,
+        samples_path=run.samples_file if accelerator.is_main_process else None,
+        reference=reference,
+    )
+    evaluator = None
+    if eval_rows:
+        evaluator = online_evaluator(cfg, eval_rows, engine, tokenizer, eval_reward, accelerator)
+    try:
+        result = train_loop(
+            cfg.train,
+            accelerator=accelerator,
+            model=model,
+            objective=algo.Objective(cfg, source),
+            data=source,
+            evaluator=evaluator,
+            run=run,
+            monitor=build_monitor(cfg, run, accelerator),
+            resume=resume,
+        )
+    finally:
+        source.close()
     final = None
     if result.interrupted is None:
         accelerator.wait_for_everyone()

@@ -236,6 +236,7 @@ def train_loop(
     run: Run,
     eval_data: LoopData | None = None,
     evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    monitor=None,
     resume: bool = False,
 ) -> LoopResult:
     """Optimise `objective` over `data` (a dataset's plan, or any step source); returns where it
@@ -260,17 +261,33 @@ def train_loop(
     accelerator.register_for_checkpointing(scheduler, state)
     if hasattr(source, "state_dict"):
         accelerator.register_for_checkpointing(source)
+    if monitor is not None:
+        accelerator.register_for_checkpointing(monitor)
+    base_lrs = list(scheduler.base_lrs)
+
+    def apply_scales() -> None:
+        """Settings after any load (resume, rollback): configured value x the monitor's rollback scales."""
+        scales = monitor.scales if monitor is not None else {}
+        scheduler.base_lrs = [b * scales.get("lr", 1.0) for b in base_lrs]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+        if hasattr(source, "apply_scales"):
+            source.apply_scales(scales)
 
     ckpt_root = run.checkpoints
     last = checkpoint.latest(ckpt_root)
     if resume and last is not None:
         checkpoint.load(accelerator, last)
+        apply_scales()
         accelerator.print(f"resumed from {last} (step {state.step})")
     elif last is not None:
         raise TrainingError(
             f"{run.path} already holds checkpoints; pass --resume to continue it, or use a new out"
         )
-    run.open_metrics(resume_step=state.step if resume and last else None, tensorboard=cfg.tensorboard)
+    resume_step = state.step if resume and last else None
+    run.open_metrics(resume_step=resume_step, tensorboard=cfg.tensorboard)
+    if monitor is not None:
+        monitor.open(resume_step=resume_step)
 
     fp16 = accelerator.mixed_precision == "fp16"
     device = accelerator.device
@@ -350,6 +367,7 @@ def train_loop(
             dt = time.perf_counter() - t0
             bar.update(1)
 
+            observed: dict[str, float] = {}
             if state.step % cfg.log_every == 0 or state.step == total or nonfinite:
                 metrics = {
                     "loss": loss_value,
@@ -366,6 +384,7 @@ def train_loop(
                     metrics["nonfinite_skipped"] = 1
                 run.log(state.step, metrics)
                 result.metrics = metrics
+                observed.update(metrics)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
             if (
@@ -375,13 +394,40 @@ def train_loop(
             ):
                 result.eval_metrics = evaluator(model)
                 run.log(state.step, result.eval_metrics)
+                observed.update(result.eval_metrics)
+
+            action = None
+            if monitor is not None and observed:
+                alerts = monitor.observe(state.step, observed)
+                action = monitor.decision(alerts)
+                if action == "rollback":
+                    last_ok = checkpoint.latest(ckpt_root)
+                    if last_ok is None:
+                        accelerator.print(
+                            "health: no checkpoint to roll back to (set train.save_every); stopping"
+                        )
+                        action = "stop"
+                    else:
+                        checkpoint.load(accelerator, last_ok)
+                        apply_scales()
+                        accelerator.print(
+                            f"health: rolled back to {last_ok.name} (step {state.step}); settings scaled by "
+                            f"{monitor.scales}"
+                        )
+                        bar.n = state.step
+                        continue
+                if action == "stop":
+                    result.interrupted = "health: " + ", ".join(a.rule for a in alerts if a.action == "stop")
 
             stop = stats[2].item() > 0  # any process got a signal
-            if stop or (cfg.save_every and state.step % cfg.save_every == 0):
+            if stop or action == "stop" or (cfg.save_every and state.step % cfg.save_every == 0):
                 checkpoint.save(accelerator, ckpt_root, state.step, keep=cfg.keep_checkpoints)
             if stop:
                 result.interrupted = signals.received or "signal"
                 accelerator.print(f"\nstopped at step {state.step}; checkpoint saved. Resume with --resume.")
+                break
+            if action == "stop":
+                accelerator.print(f"\n{result.interrupted}: stopped at step {state.step}; checkpoint saved.")
                 break
     bar.close()
     run.close()

@@ -115,6 +115,7 @@ class Run:
     checkpoints = property(lambda self: self.path / "checkpoints")
     final = property(lambda self: self.path / "final")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
+    samples_file = property(lambda self: self.path / "samples.jsonl")
 
     def write_text(self, name: str, text: str) -> None:
         if self.write:

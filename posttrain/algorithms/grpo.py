@@ -1,0 +1,140 @@
+"""The GRPO family: GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ (critic-free policy gradient).
+
+One module, because they differ only in options of shared pieces (see `RL_PRESETS` in config.py):
+
+    advantage    group-normalised (GRPO, DAPO; `scale` std / batch / none = Dr. GRPO), leave-one-out
+                 (RLOO), batch-whitened returns (REINFORCE++)
+    aggregation  token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO)
+    clipping     clip_low / clip_high (DAPO's clip-higher), dual clip
+    KL           none (default), a k1/k2/k3 loss term, or a per-token penalty in the reward
+
+The loss is `losses.policy_loss_sum` (one clipped surrogate for all of them); the rollout machinery is
+`posttrain.rollout.source`. The policy log-probs are taken from `logits / temperature`, the distribution
+the engine sampled from, so that with one optimiser step per rollout the ratio starts at exactly 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.advantages import (
+    group_advantages,
+    kl_penalty,
+    leave_one_out_advantages,
+    reinforce_pp_advantages,
+)
+from posttrain.data.templates import IGNORE_INDEX
+from posttrain.logprobs import entropy, token_logprobs
+from posttrain.losses import loss_units, policy_loss_sum
+
+KIND = "prompt"  # the row schema online algorithms read
+
+
+def forward(model, batch: dict, temperature: float):
+    """(logits / temperature [B, L, V], None): the sampling distribution of every position."""
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
+    return (logits / temperature if temperature != 1.0 else logits), None
+
+
+def annotate(source, model, buffer) -> None:
+    """Old log-probs (the engine's sampling log-probs) and, with a KL term, reference log-probs."""
+    buffer.token["old_logps"] = buffer.per_token([c.logprobs for c in buffer.completions])
+    if source.reference is not None:
+        buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
+    keep = [
+        0.0 if source.rl.mask_truncated and c.finish_reason == "length" else 1.0 for c in buffer.completions
+    ]
+    buffer.sequence["loss_mask"] = torch.tensor(keep)
+
+
+def completion_mask(buffer) -> torch.Tensor:
+    return buffer.layout(0)["targets"] != IGNORE_INDEX
+
+
+def advantages(source, buffer) -> None:
+    """Per-sample advantages ([N], broadcast over tokens) or per-token ones ([N, L]) for REINFORCE++
+    with the KL in the reward."""
+    rl, G, rewards = source.rl, buffer.group_size, buffer.rewards
+    kl_in_reward = rl.kl_in_reward and source.kl_coef > 0 and "ref_logps" in buffer.token
+    if rl.advantage == "group":
+        adv = group_advantages(rewards, G, scale=rl.scale)
+    elif rl.advantage == "rloo":
+        adv = leave_one_out_advantages(rewards, G)
+    elif rl.advantage == "reinforce_pp":
+        group = G if G > 1 else None
+        if kl_in_reward:
+            mask = completion_mask(buffer)
+            kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator=rl.kl_estimator)
+            adv = reinforce_pp_advantages(
+                rewards, mask, kl=kl * mask, kl_coef=source.kl_coef, group_size=group
+            )
+        else:
+            adv = reinforce_pp_advantages(rewards, group_size=group)
+    else:
+        raise ValueError(f"advantage {rl.advantage!r} needs a value model: use algorithm ppo")
+    if adv.dim() == 2:
+        buffer.token["advantages"] = adv.float()
+        buffer.sequence["advantages"] = (adv * completion_mask(buffer)).sum(1)  # for samples.jsonl
+    else:
+        buffer.sequence["advantages"] = adv.float()
+
+
+class Objective:
+    """Clipped policy-gradient loss (+ KL loss). weight = the aggregation's units (tokens or sequences)."""
+
+    def __init__(self, cfg, source=None):
+        self.cfg, self.rl, self.source = cfg, cfg.rl, source
+        self.kl_loss = self.rl.kl_coef > 0 and not self.rl.kl_in_reward
+
+    @property
+    def kl_coef(self) -> float:
+        """The rollout source's (possibly adapted or rolled-back) coefficient, else the configured one."""
+        return self.source.kl_coef if self.source is not None else self.rl.kl_coef
+
+    def mask(self, batch: dict) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX) & (batch["loss_mask"][:, None] > 0)
+
+    def weight(self, batch: dict) -> float:
+        return loss_units(self.mask(batch), self.rl.aggregation)
+
+    def loss(self, model, batch: dict):
+        logits, _ = forward(model, batch, self.cfg.rollout.temperature)
+        mask = self.mask(batch)
+        logps = token_logprobs(logits, batch["targets"])
+        adv = batch["advantages"]
+        if adv.dim() == 1:
+            adv = adv[:, None].expand_as(logps)
+        loss, _, metrics = policy_loss_sum(
+            logps,
+            batch["old_logps"],
+            adv,
+            mask,
+            clip_low=self.rl.clip_low,
+            clip_high=self.rl.clip_high,
+            aggregation=self.rl.aggregation,
+            dual_clip=self.rl.dual_clip,
+            max_len=self.cfg.rollout.max_new_tokens,
+        )
+        with torch.no_grad():
+            metrics["entropy"] = unit_sum(entropy(logits.detach()), mask, self.rl.aggregation)
+        if "ref_logps" in batch:
+            kl = kl_penalty(logps, batch["ref_logps"], estimator=self.rl.kl_estimator)
+            kl_sum = unit_sum(kl, mask, self.rl.aggregation)
+            metrics["kl_to_ref"] = kl_sum.detach()
+            if self.kl_loss:
+                loss = loss + self.kl_coef * kl_sum
+        return loss, metrics
+
+
+def unit_sum(x_BT: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Sum of per-token values over the aggregation's units: all tokens (token_mean) or, per sequence,
+    the mean over its tokens (seq_*), so that dividing by `loss_units` gives the aggregated mean."""
+    x_BT = torch.where(mask, x_BT, 0.0)
+    if aggregation == "token_mean":
+        return x_BT.sum()
+    return (x_BT.sum(1) / mask.sum(1).clamp(min=1)).sum()

@@ -1,0 +1,162 @@
+"""PPO with a learned value function (Schulman et al. 2017; the RLHF recipe of Ouyang et al. 2022).
+
+    reward per token   r_t = -kl_coef * KL_t (k1 by default)  (+ the sequence reward on its last token)
+    advantages         GAE(gamma, lam) over the values V_t of the critic, whitened over the batch
+    loss               clipped policy surrogate + vf_coef * clipped value loss, several minibatch epochs
+
+The critic is a value head (one linear layer, zero-initialised) on the policy's last hidden state, or,
+with `rl.critic: PATH`, a separate model with a scalar head (usually the reward model: it already reads
+the task) whose per-token outputs are the values. Either way policy and critic are one module for the
+loop, so one optimiser, one checkpoint and one `accelerate` wrapper cover both.
+
+KL control: fixed `rl.kl_coef`, or adaptive towards `rl.kl_target` (Ziegler et al. 2019), the controller
+living with the rollout source and saved in its checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from posttrain.advantages import gae, kl_penalty, whiten
+from posttrain.algorithms.grpo import KIND, completion_mask  # noqa: F401  (KIND: prompt rows)
+from posttrain.data.templates import IGNORE_INDEX
+from posttrain.errors import ConfigError
+from posttrain.logprobs import entropy, token_logprobs
+from posttrain.losses import loss_units, policy_loss_sum, value_loss_sum
+from posttrain.models import load_model as load_causal_lm
+from posttrain.models import save_final as save_causal_lm
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM policy and its critic, as one module."""
+
+    def __init__(self, policy, critic=None):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic  # a RewardModel (backbone + scalar head) or None for a value head
+        if critic is None:
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.policy(**kwargs, use_cache=False, output_hidden_states=self.critic is None)
+        if self.critic is None:
+            hidden = out.hidden_states[-1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        else:
+            hidden = self.critic.backbone(**kwargs, use_cache=False).last_hidden_state
+            values = self.critic.head(hidden).squeeze(-1)
+        return out.logits, values
+
+
+def load_model(cfg) -> PolicyWithValue:
+    if cfg.rl.aggregation != "token_mean":
+        raise ConfigError("ppo: rl.aggregation must be token_mean (the value loss is a token mean)")
+    policy = load_causal_lm(cfg.model)
+    critic = None
+    if cfg.rl.critic:
+        from posttrain.algorithms.reward import RewardModel
+
+        critic = RewardModel.from_pretrained(cfg.rl.critic, dtype=cfg.model.dtype)
+    return PolicyWithValue(policy, critic)
+
+
+def policy(model: PolicyWithValue):
+    """The causal LM the generation engine samples from."""
+    return model.policy
+
+
+def save_final(model: PolicyWithValue, tokenizer, out) -> None:
+    """final/ is the policy (loads with AutoModelForCausalLM); the critic is kept next to it."""
+    save_causal_lm(model.policy, tokenizer, out)
+    if model.critic is None:
+        save_file(
+            {k: v.contiguous() for k, v in model.value_head.state_dict().items()},
+            f"{out}/value_head.safetensors",
+        )
+    else:
+        model.critic.save_pretrained(f"{out}/critic")
+
+
+def forward(model, batch: dict, temperature: float):
+    logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    return (logits / temperature if temperature != 1.0 else logits), values
+
+
+def annotate(source, model, buffer) -> None:
+    """Old log-probs (sampling), values at rollout time, reference log-probs for the KL penalty."""
+    buffer.token["old_logps"] = buffer.per_token([c.logprobs for c in buffer.completions])
+    # V(s_t) must sit where the policy acts: position t predicts completion token t+1, so the value
+    # of the state before each completion token is at the same position as its log-prob.
+    buffer.token["old_values"] = source.forward_logps(model, buffer, values=True)["values"]
+    if source.reference is not None:
+        buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
+    keep = [
+        0.0 if source.rl.mask_truncated and c.finish_reason == "length" else 1.0 for c in buffer.completions
+    ]
+    buffer.sequence["loss_mask"] = torch.tensor(keep)
+
+
+def advantages(source, buffer) -> None:
+    """Per-token rewards (KL penalty + the sequence reward on the last token), GAE, whitening."""
+    rl = source.rl
+    mask = completion_mask(buffer)
+    rewards = buffer.rewards.clone()
+    if rl.whiten_rewards:
+        rewards = whiten(rewards, shift_mean=False)
+    token_rewards = torch.zeros(mask.shape)
+    last = mask.float().cumsum(1).argmax(1)  # position of each completion's last token
+    rows = torch.arange(len(buffer))
+    has_tokens = mask.any(1)
+    token_rewards[rows[has_tokens], last[has_tokens]] = rewards[has_tokens]
+    if "ref_logps" in buffer.token and source.kl_coef > 0:
+        kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator="k1")
+        token_rewards = token_rewards - source.kl_coef * kl * mask
+    adv, returns = gae(token_rewards, buffer.token["old_values"], mask, gamma=rl.gamma, lam=rl.lam)
+    adv = whiten(adv, mask)
+    buffer.token["advantages"] = adv
+    buffer.token["returns"] = returns
+    buffer.sequence["advantages"] = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # for samples.jsonl
+
+
+class Objective:
+    """Clipped policy loss + vf_coef x clipped value loss, both token means over the global batch."""
+
+    def __init__(self, cfg, source=None):
+        self.cfg, self.rl = cfg, cfg.rl
+
+    def mask(self, batch: dict) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX) & (batch["loss_mask"][:, None] > 0)
+
+    def weight(self, batch: dict) -> float:
+        return loss_units(self.mask(batch), "token_mean")
+
+    def loss(self, model, batch: dict):
+        logits, values = forward(model, batch, self.cfg.rollout.temperature)
+        mask = self.mask(batch)
+        logps = token_logprobs(logits, batch["targets"])
+        loss, _, metrics = policy_loss_sum(
+            logps,
+            batch["old_logps"],
+            batch["advantages"],
+            mask,
+            clip_low=self.rl.clip_low,
+            clip_high=self.rl.clip_high,
+            aggregation="token_mean",
+            dual_clip=self.rl.dual_clip,
+        )
+        v_loss, _, v_metrics = value_loss_sum(
+            values.float(), batch["old_values"], batch["returns"], mask, clip=self.rl.value_clip
+        )
+        with torch.no_grad():
+            metrics["entropy"] = torch.where(mask, entropy(logits.detach()), 0.0).sum()
+            metrics["value_loss"] = v_loss.detach()
+            metrics["value_clip_fraction"] = v_metrics["clip_fraction"]
+            metrics["value_mean"] = torch.where(mask, values.detach().float(), 0.0).sum()
+            metrics["policy_loss"] = loss.detach()
+        return loss + self.rl.vf_coef * v_loss, metrics

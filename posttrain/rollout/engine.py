@@ -1,0 +1,248 @@
+"""Generation engines: the policy samples completions for online RL (and for evals, greedily).
+
+One protocol, two engines:
+
+    engine.generate(prompt_ids, n, sampling) -> [[Completion] * n for each prompt]
+    engine.load_weights(model, version)       # the trainer's new weights; bumps policy_version
+    engine.policy_version                     # version of the weights that generate() samples from
+
+`HFEngine` (the default, CPU or GPU) runs a batched KV-cached sampling loop over any Hugging Face
+causal LM. When it shares the trained module it needs no weight copies at all; given its own copy
+(the asynchronous mode generates with a stale policy while the trainer updates the live one) it
+copies the state dict in. `posttrain.rollout.vllm.VLLMEngine` does the same with vLLM on a GPU.
+
+Prompts are token ids, rendered by the caller, so that the tokens the policy is trained on are the
+tokens it was sampled from. Each completion carries the log-probability of each sampled token under
+the temperature-scaled distribution `log_softmax(logits / temperature)`, taken before top-k / top-p
+truncation: that is exactly what the trainer computes for the same tokens, so with a synchronous
+engine these sampling log-probs serve as the PPO ratio's "old" log-probs without another forward.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample. temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    stop: tuple[str, ...] = ()  # stop strings (kept in the completion's tokens, cut from its text)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One sampled completion."""
+
+    token_ids: list[int]  # sampled tokens, up to and including the eos / the token completing a stop string
+    logprobs: list[float]  # sampling log-prob of each token (see the module docstring)
+    text: str  # decoded, cut before the eos or stop string; other special tokens kept
+    finish_reason: str  # "stop" (eos or stop string) or "length" (max_new_tokens reached)
+    policy_version: int = 0
+
+
+class Engine(Protocol):
+    policy_version: int
+
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]: ...
+
+    def load_weights(self, model, version: int) -> None: ...
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos plus any the model's generation config adds (chat models often stop on an
+    end-of-turn token and the document end alike)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def _filter_top_k_top_p(logits_BV: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (the most likely token always
+    survives)."""
+    if top_k and top_k < logits_BV.shape[-1]:
+        kth = torch.topk(logits_BV, top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_BV, order_BV = torch.sort(logits_BV, descending=True, dim=-1)
+        probs_BV = torch.softmax(sorted_BV, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = (probs_BV.cumsum(-1) - probs_BV) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order_BV, drop_sorted)
+        logits_BV = logits_BV.masked_fill(drop, float("-inf"))
+    return logits_BV
+
+
+class HFEngine:
+    """Batched, KV-cached sampling with any Hugging Face causal LM.
+
+    Args:
+        model: the causal LM to sample from. The trainer's own module (no copy; `load_weights` then only
+            records the version) or, for asynchronous generation, a separate copy.
+        tokenizer: for decoding and the pad / eos tokens.
+        batch_size: sequences per forward (prompts x n); None: all at once.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.policy_version = 0
+        self.eos = eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+
+    @classmethod
+    def copy_of(cls, model, tokenizer, **kw) -> HFEngine:
+        """An engine with its own frozen copy of `model` (asynchronous generation)."""
+        clone = copy.deepcopy(model).eval().requires_grad_(False)
+        return cls(clone, tokenizer, **kw)
+
+    def load_weights(self, model, version: int) -> None:
+        if model is not None and model is not self.model:
+            with torch.no_grad():
+                self.model.load_state_dict(model.state_dict())
+        self.policy_version = version
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
+        if not prompt_ids:
+            return []
+        if any(len(p) == 0 for p in prompt_ids):
+            raise ValueError("an empty prompt cannot be continued (give it at least a bos token)")
+        flat = [p for p in prompt_ids for _ in range(n)]
+        step = self.batch_size or len(flat)
+        # Sort by length so that each batch wastes little on padding; restore the order after.
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
+        done: list[Completion | None] = [None] * len(flat)
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=self._device).manual_seed(sampling.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), step):
+                batch = order[start : start + step]
+                for i, completion in zip(batch, self._sample([flat[i] for i in batch], sampling, generator)):
+                    done[i] = completion
+        finally:
+            self.model.train(was_training)
+        return [done[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    @property
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def _sample(self, prompts: list[list[int]], sampling: Sampling, generator) -> list[Completion]:
+        device, B = self._device, len(prompts)
+        width = max(len(p) for p in prompts)
+        ids_BL = torch.full((B, width), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros((B, width), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
+            ids_BL[b, width - len(p) :] = torch.tensor(p)
+            mask_BL[b, width - len(p) :] = 1
+        ids_BL, mask_BL = ids_BL.to(device), mask_BL.to(device)
+        pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(self.eos, device=device)
+
+        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, use_cache=True)
+        cache, logits_BV = out.past_key_values, out.logits[:, -1]
+        next_pos_B1 = pos_BL[:, -1:] + 1
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens, logps = [], []
+        stopped_by_string = [False] * B
+        texts = [""] * B
+        for t in range(sampling.max_new_tokens):
+            logits_BV = logits_BV.float()
+            if sampling.greedy:
+                token_B = logits_BV.argmax(-1)
+                logp_B = torch.log_softmax(logits_BV, -1).gather(1, token_B[:, None]).squeeze(1)
+            else:
+                scaled_BV = logits_BV / sampling.temperature
+                logp_all_BV = torch.log_softmax(scaled_BV, -1)
+                kept_BV = _filter_top_k_top_p(scaled_BV, sampling.top_k, sampling.top_p)
+                probs_BV = torch.softmax(kept_BV, -1)
+                token_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+                logp_B = logp_all_BV.gather(1, token_B[:, None]).squeeze(1)
+            token_B = torch.where(finished, torch.full_like(token_B, self.pad_id), token_B)
+            tokens.append(token_B)
+            logps.append(logp_B)
+            if sampling.stop:
+                self._check_stop(token_B, finished, sampling.stop, stopped_by_string, texts)
+            finished = finished | torch.isin(token_B, eos)
+            finished = finished | torch.tensor(stopped_by_string, device=device)
+            if bool(finished.all()) or t == sampling.max_new_tokens - 1:
+                break
+            mask_BL = torch.cat([mask_BL, torch.ones((B, 1), dtype=mask_BL.dtype, device=device)], 1)
+            out = self.model(
+                input_ids=token_B[:, None],
+                attention_mask=mask_BL,
+                position_ids=next_pos_B1,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits_BV = out.past_key_values, out.logits[:, -1]
+            next_pos_B1 = next_pos_B1 + 1
+
+        tokens_BT = torch.stack(tokens, 1).tolist()
+        logps_BT = torch.stack(logps, 1).tolist()
+        eos_set = set(self.eos)
+        result = []
+        for b in range(B):
+            row, stop_reason, keep = tokens_BT[b], "length", len(tokens_BT[b])
+            for j, tok in enumerate(row):
+                if tok in eos_set:
+                    keep, stop_reason = j + 1, "stop"
+                    break
+            if stopped_by_string[b]:
+                keep, stop_reason = self._stop_length(row, sampling.stop), "stop"
+            ids = row[:keep]
+            text_ids = ids[:-1] if ids and ids[-1] in eos_set else ids
+            text = self.tokenizer.decode(text_ids, skip_special_tokens=False)
+            if stopped_by_string[b]:
+                text = _cut_at_stop(text, sampling.stop)
+            result.append(
+                Completion(
+                    token_ids=ids,
+                    logprobs=logps_BT[b][:keep],
+                    text=text,
+                    finish_reason=stop_reason,
+                    policy_version=self.policy_version,
+                )
+            )
+        return result
+
+    def _check_stop(self, token_B, finished, stop, stopped: list[bool], texts: list[str]) -> None:
+        """Mark the rows still running whose text now contains a stop string."""
+        for b, tok in enumerate(token_B.tolist()):
+            if not finished[b]:
+                texts[b] += self.tokenizer.decode([tok], skip_special_tokens=False)
+                stopped[b] = any(s in texts[b] for s in stop)
+
+    def _stop_length(self, row: list[int], stop: tuple[str, ...]) -> int:
+        """Tokens up to and including the one that completes the first stop string."""
+        text = ""
+        for j, tok in enumerate(row):
+            text += self.tokenizer.decode([tok], skip_special_tokens=False)
+            if any(s in text for s in stop):
+                return j + 1
+        return len(row)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,454 @@
+"""The online step source: the policy generates, rewards score, advantages weigh, the loop trains.
+
+    prompts -> engine.generate (n per prompt) -> reward fns -> [dynamic sampling] -> rollout buffer
+            -> reference log-probs / values (no grad) -> advantages -> epochs x minibatches of steps
+
+`RolloutSource` plugs into the one training loop as its `StepSource` (engine/loop.py): every optimiser
+step asks it for micro-batches; when the current rollout is used up it makes the next one with the model
+as it is now. The algorithm (algorithms/grpo.py, algorithms/ppo.py) contributes the per-rollout
+annotation (values for PPO) and the advantages; everything else is shared.
+
+Synchronous by default. With `rollout.max_policy_lag = k > 0` a background thread generates and scores
+rollouts with its own copy of the policy, running ahead of training by at most k policy versions (one
+version per rollout); the trainer's ratio against the sampling log-probs corrects for the staleness, and
+the lag is logged with every step.
+
+Checkpoints: the prompt cursor, rollout count and the steps not yet taken of the current rollout travel
+with the loop's checkpoint, so a resumed synchronous run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.advantages import AdaptiveKLController, FixedKLController
+from posttrain.engine.loop import Step
+from posttrain.errors import TrainingError
+from posttrain.eval.generation import render_prompts
+from posttrain.rollout.buffer import RolloutBuffer
+from posttrain.rollout.engine import Completion, Sampling
+
+
+@dataclass
+class Generated:
+    """A scored batch of completions, before any forward pass of the trainer."""
+
+    buffer: RolloutBuffer
+    prompts: list[str]  # rendered prompt of each sample (for the reward fns and samples.jsonl)
+    metrics: dict[str, float]
+
+
+def encode_prompts(tokenizer, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
+    """Rendered prompt texts (chat template with the generation prompt) and their token ids."""
+    texts = render_prompts(tokenizer, [row["prompt"] for row in rows])
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return texts, ids
+
+
+class RolloutSource:
+    """Generates rollouts and serves their optimiser steps to the loop.
+
+    Args:
+        cfg: the run config (sections rollout, rl, train).
+        rows: prompt rows (`{"prompt": ..., **fields}`); fields are passed to the reward fns.
+        tokenizer: the policy's tokenizer.
+        engine: the generation engine (shares the trained module, or has its own copy when async).
+        reward: a `posttrain.rewards.Combined`.
+        algo: the algorithm module: `annotate(source, model, buffer)` adds per-token tensors (reference
+            log-probs, values) and `advantages(cfg, buffer)` the advantages.
+        accelerator: for the device and cross-process reductions.
+        samples_path: where to append samples.jsonl (main process), or None.
+        reference: a frozen reference model when rl.kl_coef > 0 (None: no KL).
+    """
+
+    def __init__(
+        self, cfg, *, rows, tokenizer, engine, reward, algo, accelerator, samples_path=None, reference=None
+    ):
+        self.cfg, self.rl, self.ro = cfg, cfg.rl, cfg.rollout
+        self.rows, self.tokenizer, self.engine = rows, tokenizer, engine
+        self.reward, self.algo, self.accelerator = reward, algo, accelerator
+        self.reference, self.samples_path = reference, samples_path
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        if self.ro.prompts_per_step % self.world:
+            raise TrainingError(
+                f"rollout.prompts_per_step ({self.ro.prompts_per_step}) must be a multiple of the number of "
+                f"processes ({self.world})"
+            )
+        self.local_prompts = self.ro.prompts_per_step // self.world
+        self.prompt_texts, self.prompt_ids = encode_prompts(tokenizer, rows)
+        self.steps_per_rollout = self.rl.epochs * self.rl.minibatches
+        samples = self.local_prompts * self.ro.group_size
+        if samples < self.rl.minibatches:
+            raise TrainingError(
+                f"{samples} samples per process cannot fill {self.rl.minibatches} minibatches"
+            )
+        rollouts = cfg.train.max_steps and math.ceil(cfg.train.max_steps / self.steps_per_rollout)
+        rollouts = rollouts or math.ceil(cfg.train.epochs * len(rows) / self.ro.prompts_per_step)
+        self.total = cfg.train.max_steps or rollouts * self.steps_per_rollout
+        self.sampling = Sampling(
+            max_new_tokens=self.ro.max_new_tokens,
+            temperature=self.ro.temperature,
+            top_p=self.ro.top_p,
+            top_k=self.ro.top_k,
+            stop=tuple(self.ro.stop),
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else engine.eos[0]
+        # checkpointed state
+        self.cursor = 0  # prompts this process has drawn
+        self.rollouts = 0  # rollouts trained on (= policy version)
+        self.pending: list[Step] = []
+        self._producer: _Producer | None = None
+        rl = self.rl
+        self.kl_ctl = (
+            AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
+            if rl.kl_target
+            else FixedKLController(rl.kl_coef)
+        )
+
+    @property
+    def kl_coef(self) -> float:
+        return self.kl_ctl.value
+
+    def apply_scales(self, scales: dict[str, float]) -> None:
+        """After a health rollback: a fixed KL coefficient becomes configured x scale (an adaptive one
+        keeps steering from its checkpointed value)."""
+        if isinstance(self.kl_ctl, FixedKLController):
+            self.kl_ctl.value = self.rl.kl_coef * scales.get("kl_coef", 1.0)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        return {
+            "cursor": self.cursor,
+            "rollouts": self.rollouts,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "pending": [{"micro": s.micro, "tokens": s.tokens, "metrics": s.metrics} for s in self.pending],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor, self.rollouts = state["cursor"], state["rollouts"]
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.pending = [
+            Step(micro=s["micro"], tokens=s["tokens"], metrics=s["metrics"]) for s in state["pending"]
+        ]
+        self.engine.policy_version = self.rollouts
+
+    # ------------------------------------------------------------------ the loop's side
+
+    def next_step(self, state, model) -> Step:
+        if not self.pending:
+            self.pending = self._rollout(model)
+        return self.pending.pop(0)
+
+    def after_step(self, state, model) -> None:
+        if not self.pending:  # the rollout is used up: the next one samples from the new weights
+            self.rollouts += 1
+            net = self.accelerator.unwrap_model(model)
+            if self._producer is not None:
+                self._producer.publish(net, self.rollouts)
+            else:
+                self.engine.load_weights(net, self.rollouts)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.stop()
+
+    # ------------------------------------------------------------------ prompts
+
+    def _draw(self, k: int) -> list[int]:
+        """The next k prompt indices of this process: a seeded permutation per pass over the prompts,
+        process r taking positions r, r + world, ... of the global order."""
+        n, out = len(self.rows), []
+        for _ in range(k):
+            position = self.cursor * self.world + self.rank
+            epoch, offset = divmod(position, n)
+            out.append(self._order(epoch)[offset])
+            self.cursor += 1
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        cached = getattr(self, "_order_cache", None)
+        if cached is None or cached[0] != epoch:
+            order = list(range(len(self.rows)))
+            random.Random(f"posttrain/prompts/{self.cfg.train.seed}/{epoch}").shuffle(order)
+            self._order_cache = cached = (epoch, order)
+        return cached[1]
+
+    # ------------------------------------------------------------------ generation + rewards
+
+    def generate_scored(self, engine) -> Generated:
+        """Sample group_size completions for this process's prompts and score them; with dynamic
+        sampling, groups whose rewards are all equal (no learning signal) are replaced by fresh ones."""
+        G = self.ro.group_size
+        want, kept, dropped = self.local_prompts, [], []
+        gen_s = reward_s = 0.0
+        gen_tokens = rounds = drawn = 0
+        seconds: dict[str, float] = {}
+        while len(kept) < want and rounds <= (self.rl.max_resample_rounds if self.rl.dynamic_sampling else 0):
+            need = want - len(kept)
+            if rounds > 0:  # ask for more than needed: some of them will be dropped again
+                need = min(4 * need, 4 * want)
+            index = self._draw(need)
+            drawn += need
+            t0 = time.perf_counter()
+            groups = engine.generate([self.prompt_ids[i] for i in index], G, self.sampling)
+            gen_s += time.perf_counter() - t0
+            gen_tokens += sum(len(c.token_ids) for g in groups for c in g)
+            t0 = time.perf_counter()
+            scores = self._score(index, groups)
+            reward_s += time.perf_counter() - t0
+            for name, s in scores.seconds.items():
+                seconds[name] = seconds.get(name, 0.0) + s
+            for j, (i, group) in enumerate(zip(index, groups)):
+                rewards = scores.total[j * G : (j + 1) * G]
+                components = {k: v[j * G : (j + 1) * G] for k, v in scores.components.items()}
+                item = (i, group, rewards, components)
+                informative = G == 1 or max(rewards) > min(rewards)
+                (kept if informative or not self.rl.dynamic_sampling else dropped).append(item)
+            rounds += 1
+        informative = len(kept)
+        kept = (kept + dropped)[:want]  # short of informative groups: fill up with the others
+
+        rows, prompt_ids, texts, completions, totals = [], [], [], [], []
+        components: dict[str, list[float]] = {}
+        for i, group, rewards, comps in kept:
+            for c in group:
+                rows.append(self.rows[i])
+                prompt_ids.append(self.prompt_ids[i])
+                texts.append(self.prompt_texts[i])
+                completions.append(c)
+            totals += rewards
+            for k, v in comps.items():
+                components.setdefault(k, []).extend(v)
+        buffer = RolloutBuffer(
+            prompt_ids=prompt_ids,
+            completions=completions,
+            rows=rows,
+            group_size=G,
+            rewards=torch.tensor(totals, dtype=torch.float32),
+            components=components,
+        )
+        metrics = {
+            "generation/seconds": gen_s,
+            "generation/tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+            "generation/samples_per_s": drawn * G / max(gen_s, 1e-9),
+            "reward/seconds": reward_s,
+            **{f"reward/{k}/seconds": v for k, v in seconds.items()},
+        }
+        if self.rl.dynamic_sampling:
+            metrics["dynamic_sampling/rounds"] = rounds
+            metrics["dynamic_sampling/informative_share"] = min(informative, want) / want
+        return Generated(buffer=buffer, prompts=texts, metrics=metrics)
+
+    def _score(self, index: list[int], groups: list[list[Completion]]):
+        G = self.ro.group_size
+        prompts = [self.prompt_texts[i] for i in index for _ in range(G)]
+        completions = [c.text for g in groups for c in g]
+        fields: dict[str, list] = {}
+        for i in index:
+            for key, value in self.rows[i].items():
+                if key != "prompt":
+                    fields.setdefault(key, []).extend([value] * G)
+        missing = {k for i in index for k in self.rows[0] if k not in self.rows[i]}
+        if missing:
+            raise TrainingError(f"prompt rows differ in their fields ({sorted(missing)} missing in some)")
+        fields["completion_lengths"] = [len(c.token_ids) for g in groups for c in g]
+        fields["finish_reasons"] = [c.finish_reason for g in groups for c in g]
+        return self.reward.score(prompts, completions, **fields)
+
+    # ------------------------------------------------------------------ the rollout
+
+    def _rollout(self, model) -> list[Step]:
+        net = self.accelerator.unwrap_model(model)
+        t0 = time.perf_counter()
+        if self.ro.max_policy_lag > 0:
+            if self._producer is None:
+                self._producer = _Producer(self, net)
+            generated, version = self._producer.take(self.rollouts)
+        else:
+            generated, version = self.generate_scored(self.engine), self.rollouts
+        wait_s = time.perf_counter() - t0
+        buffer = generated.buffer
+        self.algo.annotate(self, net, buffer)
+        self.algo.advantages(self, buffer)
+        metrics = {**generated.metrics, **self._metrics(buffer), "policy_lag": self.rollouts - version}
+        if "kl" in metrics:
+            metrics["kl_coef"] = self.kl_coef
+            self.kl_ctl.update(metrics["kl"], len(buffer) * self.world)
+        metrics["rollout/seconds"] = time.perf_counter() - t0
+        if self._producer is not None:
+            metrics["rollout/wait_seconds"] = wait_s
+        if self.samples_path is not None and self.ro.samples_log:
+            adv = buffer.sequence.get("advantages")
+            extra = {"advantage": [round(float(a), 6) for a in adv]} if adv is not None else None
+            buffer.write_samples(
+                self.samples_path, step=self.rollouts, prompts=generated.prompts, extra=extra
+            )
+        return self._steps(buffer, metrics)
+
+    def _steps(self, buffer: RolloutBuffer, metrics: dict) -> list[Step]:
+        """epochs x minibatches optimiser steps over the rollout, each cut into micro-batches."""
+        N, micro = len(buffer), self.cfg.train.micro_batch_size or len(buffer)
+        lengths = [len(p) + len(c.token_ids) for p, c in zip(buffer.prompt_ids, buffer.completions)]
+        steps = []
+        for epoch in range(self.rl.epochs):
+            order = list(range(N))
+            if self.rl.epochs * self.rl.minibatches > 1:
+                random.Random(f"posttrain/minibatch/{self.cfg.train.seed}/{self.rollouts}/{epoch}").shuffle(
+                    order
+                )
+            size = math.ceil(N / self.rl.minibatches)
+            for m in range(self.rl.minibatches):
+                mini = sorted(order[m * size : (m + 1) * size], key=lambda i: lengths[i])  # less padding
+                batches = [buffer.batch(mini[j : j + micro], self.pad_id) for j in range(0, len(mini), micro)]
+                steps.append(Step(micro=batches, tokens=sum(lengths[i] for i in mini), metrics=metrics))
+        return steps
+
+    @torch.no_grad()
+    def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log-probs (and values, when the model has a value head) of every sample under
+        `model`, in micro-batches, without gradients, in the buffer's [N, L] layout."""
+        from posttrain.logprobs import token_logprobs
+
+        device = self.accelerator.device
+        micro = self.cfg.train.micro_batch_size or len(buffer)
+        width = buffer.width
+        out = {"logps": torch.zeros(len(buffer), width)}
+        if values:
+            out["values"] = torch.zeros(len(buffer), width)
+        was_training = model.training
+        model.eval()
+        for j in range(0, len(buffer), micro):
+            index = list(range(j, min(j + micro, len(buffer))))
+            batch = {k: v.to(device) for k, v in buffer.select(index).layout(self.pad_id).items()}
+            with self.accelerator.autocast():
+                logits, value = self.algo.forward(model, batch, self.ro.temperature)
+            w = batch["targets"].shape[1]
+            out["logps"][j : j + len(index), :w] = token_logprobs(logits, batch["targets"]).cpu()
+            if values:
+                out["values"][j : j + len(index), :w] = value.float().cpu()
+        model.train(was_training)
+        return out
+
+    def _metrics(self, buffer: RolloutBuffer) -> dict[str, float]:
+        """Reward, pass rate and length statistics of a rollout, over all processes."""
+        lengths = torch.tensor(buffer.completion_lengths(), dtype=torch.float32)
+        truncated = torch.tensor(
+            [c.finish_reason == "length" for c in buffer.completions], dtype=torch.float32
+        )
+        rewards = buffer.rewards
+        passed = (rewards >= self.rl.success_threshold).float()
+        names = sorted(buffer.components)
+        comps = [torch.tensor(buffer.components[k], dtype=torch.float32) for k in names]
+        G = buffer.group_size
+        zero_std = (rewards.view(-1, G).std(1, unbiased=False) == 0).float() if G > 1 else torch.ones(1)
+        sums = torch.stack(
+            [
+                torch.tensor(float(len(buffer))),
+                rewards.sum(),
+                (rewards**2).sum(),
+                passed.sum(),
+                lengths.sum(),
+                truncated.sum(),
+                zero_std.sum(),
+                torch.tensor(float(zero_std.numel())),
+                *[c.sum() for c in comps],
+            ]
+        )
+        sums = self.accelerator.reduce(sums.to(self.accelerator.device), "sum").cpu()
+        maxima = self.accelerator.reduce(lengths.max().to(self.accelerator.device), "max").cpu()
+        n = sums[0].item()
+        mean = sums[1].item() / n
+        out = {
+            "reward/mean": mean,
+            "reward/std": math.sqrt(max(sums[2].item() / n - mean * mean, 0.0)),
+            "pass_rate": sums[3].item() / n,
+            "completion_length/mean": sums[4].item() / n,
+            "completion_length/max": maxima.item(),
+            "completion_length/truncated_share": sums[5].item() / n,
+            "groups/zero_std_share": sums[6].item() / sums[7].item(),
+            "buffer/samples": n,
+        }
+        for j, k in enumerate(names):
+            out[f"reward/{k}/mean"] = sums[8 + j].item() / n
+        if "ref_logps" in buffer.token:
+            # per sample: the summed k1 log-ratio of its tokens, sampling policy vs reference
+            mask = buffer.layout(self.pad_id)["targets"] != -100
+            kl = ((buffer.token["old_logps"] - buffer.token["ref_logps"]) * mask).sum(1)
+            out["kl"] = self.accelerator.reduce(kl.sum().to(self.accelerator.device), "sum").item() / n
+        return out
+
+
+class _Producer:
+    """Asynchronous generation: a thread that keeps rollouts coming with a copy of the policy.
+
+    Rollout r starts only once the trainer has consumed rollout r - max_policy_lag, and samples with the
+    newest weights published at that moment, so it is at most max_policy_lag versions stale when trained
+    on."""
+
+    def __init__(self, source: RolloutSource, model):
+        from posttrain.rollout.engine import HFEngine
+
+        self.source = source
+        engine = source.engine
+        self.engine = HFEngine.copy_of(model, source.tokenizer) if isinstance(engine, HFEngine) else engine
+        self.engine.policy_version = source.rollouts
+        self.lag = source.ro.max_policy_lag
+        self.queue: queue.Queue = queue.Queue()
+        self.consumed = source.rollouts
+        self.latest: tuple[int, dict] | None = None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="posttrain-rollout", daemon=True)
+        self.produced = source.rollouts
+        self.thread.start()
+
+    def publish(self, model, version: int) -> None:
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        with self.cond:
+            self.consumed = version
+            self.latest = (version, snapshot)
+            self.cond.notify_all()
+
+    def take(self, version: int) -> tuple[Generated, int]:
+        while True:
+            try:
+                item = self.queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if self.error is not None:
+                    raise TrainingError(f"rollout generation failed: {self.error}") from self.error
+        generated, sampled_at = item
+        return generated, sampled_at
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self.stopping and self.produced - self.consumed > self.lag:
+                        self.cond.wait()
+                    if self.stopping:
+                        return
+                    latest, self.latest = self.latest, None
+                if latest is not None:
+                    version, weights = latest
+                    self.engine.model.load_state_dict(weights)
+                    self.engine.policy_version = version
+                generated = self.source.generate_scored(self.engine)
+                self.queue.put((generated, self.engine.policy_version))
+                self.produced += 1
+        except BaseException as e:  # surfaced to the trainer by take()
+            self.error = e

@@ -150,11 +150,15 @@ class RolloutSource:
     def after_step(self, state, model) -> None:
         if not self.pending:  # the rollout is used up: the next one samples from the new weights
             self.rollouts += 1
-            net = self.accelerator.unwrap_model(model)
+            net = self.policy(self.accelerator.unwrap_model(model))
             if self._producer is not None:
                 self._producer.publish(net, self.rollouts)
             else:
                 self.engine.load_weights(net, self.rollouts)
+
+    def policy(self, net):
+        """The causal LM inside the trained module (PPO trains policy and critic as one)."""
+        return self.algo.policy(net) if hasattr(self.algo, "policy") else net
 
     def close(self) -> None:
         if self._producer is not None:
@@ -270,7 +274,7 @@ class RolloutSource:
         t0 = time.perf_counter()
         if self.ro.max_policy_lag > 0:
             if self._producer is None:
-                self._producer = _Producer(self, net)
+                self._producer = _Producer(self, self.policy(net))
             generated, version = self._producer.take(self.rollouts)
         else:
             generated, version = self.generate_scored(self.engine), self.rollouts
@@ -315,6 +319,7 @@ class RolloutSource:
     def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
         """Per-token log-probs (and values, when the model has a value head) of every sample under
         `model`, in micro-batches, without gradients, in the buffer's [N, L] layout."""
+        from posttrain.algorithms.grpo import forward as plain_forward
         from posttrain.logprobs import token_logprobs
 
         device = self.accelerator.device
@@ -328,8 +333,9 @@ class RolloutSource:
         for j in range(0, len(buffer), micro):
             index = list(range(j, min(j + micro, len(buffer))))
             batch = {k: v.to(device) for k, v in buffer.select(index).layout(self.pad_id).items()}
+            forward = self.algo.forward if values else plain_forward  # a reference model is a plain LM
             with self.accelerator.autocast():
-                logits, value = self.algo.forward(model, batch, self.ro.temperature)
+                logits, value = forward(model, batch, self.ro.temperature)
             w = batch["targets"].shape[1]
             out["logps"][j : j + len(index), :w] = token_logprobs(logits, batch["targets"]).cpu()
             if values:

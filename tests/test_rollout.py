@@ -28,7 +28,9 @@ def prompts(tiny):
 def test_greedy_matches_transformers_generate(tiny, prompts):
     model, tok = tiny
     rows, ids = prompts
-    ours = [g[0].text for g in HFEngine(model, tok).generate(ids, 1, Sampling(max_new_tokens=6, temperature=0))]
+    ours = [
+        g[0].text for g in HFEngine(model, tok).generate(ids, 1, Sampling(max_new_tokens=6, temperature=0))
+    ]
     theirs = generate_greedy(model, tok, [r["prompt"] for r in rows], max_new_tokens=6)
     assert ours == theirs
 
@@ -73,8 +75,8 @@ def test_stop_strings_end_the_completion(tiny, prompts):
     torch.manual_seed(2)
     stopped = HFEngine(model, tok).generate(ids, 2, Sampling(max_new_tokens=8, stop=(char,)))
     hits = 0
-    for g_free, g_stop in zip(free, stopped):
-        for a, b in zip(g_free, g_stop):
+    for g_stop in stopped:
+        for b in g_stop:
             assert char not in b.text
             if char in tok.decode(b.token_ids):
                 hits += 1
@@ -102,7 +104,9 @@ def test_buffer_layout_aligns_targets_and_per_token_values():
         Completion(token_ids=[7, 8, 2], logprobs=[-0.1, -0.2, -0.3], text="", finish_reason="stop"),
         Completion(token_ids=[9], logprobs=[-0.5], text="", finish_reason="length"),
     ]
-    buf = RolloutBuffer(prompt_ids=[[1, 2], [1, 2, 3, 4]], completions=completions, rows=[{}, {}], group_size=1)
+    buf = RolloutBuffer(
+        prompt_ids=[[1, 2], [1, 2, 3, 4]], completions=completions, rows=[{}, {}], group_size=1
+    )
     lay = buf.layout(pad_id=0)
     assert lay["input_ids"].tolist() == [[1, 2, 7, 8, 2], [1, 2, 3, 4, 9]]
     assert lay["targets"].tolist() == [[-100, 7, 8, 2, -100], [-100, -100, -100, 9, -100]]

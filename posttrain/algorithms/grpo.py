@@ -41,9 +41,18 @@ def forward(model, batch: dict, temperature: float):
     return (logits / temperature if temperature != 1.0 else logits), None
 
 
+def old_logps(source, model, buffer) -> torch.Tensor:
+    """The PPO ratio's denominator: the engine's sampling log-probs where they are the trainer's own
+    numbers (HF engine), else (vLLM, synchronous) a forward pass of the policy as it sampled."""
+    exact = getattr(source.engine, "exact_logprobs", True)
+    if exact or source.ro.max_policy_lag > 0:  # stale samples keep the behaviour policy's log-probs
+        return buffer.per_token([c.logprobs for c in buffer.completions])
+    return source.forward_logps(source.policy(model), buffer)["logps"]
+
+
 def annotate(source, model, buffer) -> None:
-    """Old log-probs (the engine's sampling log-probs) and, with a KL term, reference log-probs."""
-    buffer.token["old_logps"] = buffer.per_token([c.logprobs for c in buffer.completions])
+    """Old log-probs and, with a KL term, reference log-probs."""
+    buffer.token["old_logps"] = old_logps(source, model, buffer)
     if source.reference is not None:
         buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
     keep = [

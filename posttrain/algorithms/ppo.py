@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.advantages import gae, kl_penalty, whiten
-from posttrain.algorithms.grpo import KIND, completion_mask  # noqa: F401  (KIND: prompt rows)
+from posttrain.algorithms.grpo import KIND, completion_mask, old_logps  # noqa: F401  (KIND: prompt rows)
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.errors import ConfigError
 from posttrain.logprobs import entropy, token_logprobs
@@ -90,7 +90,7 @@ def forward(model, batch: dict, temperature: float):
 
 def annotate(source, model, buffer) -> None:
     """Old log-probs (sampling), values at rollout time, reference log-probs for the KL penalty."""
-    buffer.token["old_logps"] = buffer.per_token([c.logprobs for c in buffer.completions])
+    buffer.token["old_logps"] = old_logps(source, model, buffer)
     # V(s_t) must sit where the policy acts: position t predicts completion token t+1, so the value
     # of the state before each completion token is at the same position as its log-prob.
     buffer.token["old_values"] = source.forward_logps(model, buffer, values=True)["values"]

@@ -89,7 +89,8 @@ def _filter_top_k_top_p(logits_BV: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 class HFEngine:
-    """Batched, KV-cached sampling with any Hugging Face causal LM.
+    """Batched, KV-cached sampling with any Hugging Face causal LM. Its log-probs are the trainer's
+    own numbers (`exact_logprobs`): same model, same precision, same temperature scaling.
 
     Args:
         model: the causal LM to sample from. The trainer's own module (no copy; `load_weights` then only
@@ -97,6 +98,8 @@ class HFEngine:
         tokenizer: for decoding and the pad / eos tokens.
         batch_size: sequences per forward (prompts x n); None: all at once.
     """
+
+    exact_logprobs = True
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None):
         self.model = model

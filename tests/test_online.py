@@ -118,7 +118,10 @@ def test_async_generation_keeps_the_lag_bound(task, tmp_path):
     res = train(config(task, tmp_path / "async", rollout={"max_policy_lag": 1}, max_steps=6))
     lags = [m["policy_lag"] for m in read_metrics(res.run_dir)]
     assert len(lags) == 6 and max(lags) <= 1
-    versions = [json.loads(line)["policy_version"] for line in (res.run_dir / "samples.jsonl").read_text().splitlines()]
+    versions = [
+        json.loads(line)["policy_version"]
+        for line in (res.run_dir / "samples.jsonl").read_text().splitlines()
+    ]
     assert versions == sorted(versions)
 
 
@@ -171,5 +174,36 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(task, tmp_path):
     got = src.generate_scored(_Engine())
     groups = got.buffer.rewards.view(-1, 4)
     assert groups.shape[0] == 8 and bool((groups.max(1).values > groups.min(1).values).all())
-    assert got.metrics["dynamic_sampling/rounds"] >= 2 and got.metrics["dynamic_sampling/informative_share"] == 1.0
+    assert (
+        got.metrics["dynamic_sampling/rounds"] >= 2
+        and got.metrics["dynamic_sampling/informative_share"] == 1.0
+    )
     assert not math.isnan(got.buffer.rewards.sum().item())
+
+
+def test_grpo_under_accelerate_two_processes(task, tmp_path):
+    # Each process samples its own half of the prompts; rewards and lengths are reduced over both, and
+    # DDP keeps the replicas identical (final/ is written once).
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(config(task, tmp_path / "two", max_steps=3)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(task[0])}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port), "-m", "posttrain", "train", str(cfg)]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = read_metrics(tmp_path / "two")
+    assert len(m) == 3 and all(r["buffer/samples"] == 8 * 4 for r in m)  # 2 processes x 4 prompts x 4
+    samples = (tmp_path / "two" / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 3 * 4 * 4  # the main process's own samples
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")

@@ -144,7 +144,7 @@ class RolloutSource:
 
     def next_step(self, state, model) -> Step:
         if not self.pending:
-            self.pending = self._rollout(model)
+            self.pending = self._rollout(model, state.step + 1)
         return self.pending.pop(0)
 
     def after_step(self, state, model) -> None:
@@ -269,7 +269,8 @@ class RolloutSource:
 
     # ------------------------------------------------------------------ the rollout
 
-    def _rollout(self, model) -> list[Step]:
+    def _rollout(self, model, step: int) -> list[Step]:
+        """The next rollout's optimiser steps; `step` is the first of them (samples.jsonl's step)."""
         net = self.accelerator.unwrap_model(model)
         t0 = time.perf_counter()
         if self.ro.max_policy_lag > 0:

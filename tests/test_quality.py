@@ -256,3 +256,24 @@ def test_file_rows_without_text_are_listed(tmp_path):
     with pytest.raises(DataError, match=r"2 rows have no text") as e:
         dedup_files(bad)
     assert f"{bad}:2" in str(e.value) and f"{bad}:3" in str(e.value)
+
+
+def test_cli_contamination_and_dedup(tmp_path, capsys):
+    import json
+
+    from posttrain.cli import main
+    from posttrain.data.io import write_jsonl
+
+    leaked = "the quick brown fox jumps over the lazy dog near the old river bank at dawn today"
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": leaked}, {"text": "something else entirely"}] * 2)
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"text": leaked}, {"text": "an unrelated question"}])
+    out = tmp_path / "report.json"
+    assert (
+        main(["data", "contamination", str(train), "--against", str(evals), "--out", str(out), "--fail"]) == 1
+    )
+    report = json.loads(out.read_text())
+    assert [r["eval"] for r in report["rows"]] == [f"{evals}:1"]
+    kept = tmp_path / "kept.jsonl"
+    assert main(["data", "dedup", str(train), "--out", str(kept)]) == 0
+    assert len(kept.read_text().splitlines()) == 2
+    assert "4 rows: 2 kept, 2 duplicates removed" in capsys.readouterr().out

@@ -356,7 +356,7 @@ def train_loop(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_streak = 0
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]  # the lr this update used
             with warnings.catch_warnings():  # a skipped first update makes torch warn about the call order
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()

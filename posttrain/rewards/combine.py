@@ -46,8 +46,15 @@ REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "length_penalty": length_penalty,
     "overlong_penalty": overlong_penalty,
     "reward_model": reward_model,
+    "judge": lambda *a, **kw: _judge(*a, **kw),  # an LLM judge's pointwise score in [0, 1]
 }
 """Built-ins that need options: a dict spec's options are the factory's arguments."""
+
+
+def _judge(*args, **kwargs) -> RewardFn:
+    from posttrain.eval.judge import judge  # lazy: the judge pulls in the generation engine
+
+    return judge(*args, **kwargs)
 
 
 def _describe(spec) -> str:

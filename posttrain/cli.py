@@ -5,6 +5,9 @@
     posttrain data validate FILE [--kind K]     check a dataset file; errors name file, line and field
     posttrain eval rm --model DIR [--data F]    audit a reward model: accuracy, calibration, biases
     posttrain report RUN_DIR                    report.html (plots, tables, alerts) of a run or a pipeline
+    posttrain pipeline PIPELINE.yaml [--until S|--only S] [--fresh] [--dry-run]   multi-stage run, finished stages reused
+    posttrain card RUN_DIR                      MODEL_CARD.md: stages, data hashes, hyper-parameters, evals, alerts
+    posttrain lineage RUN_DIR [--json]          runs and input files (sha256) a run descends from
     posttrain eval run SUITE --model DIR [--against DIR] [--out DIR] [--baseline EVAL.json --gates G.yaml]
                                                 run an eval suite (YAML file or bundled name), write eval.json
     posttrain eval SUITE.yaml --model DIR ...   the same: a .yaml first argument after 'eval' means 'run'
@@ -383,9 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--out", metavar="DIR", help="also write judge_agreement.json there")
     j.set_defaults(func=_eval_judge)
+    from posttrain.audit import add_parser as add_audit_parser
+    from posttrain.pipeline import add_parser as add_pipeline_parser
     from posttrain.report import add_parser as add_report_parser
 
+    add_pipeline_parser(sub)
     add_report_parser(sub)
+    add_audit_parser(sub)  # card, lineage
     return p
 
 

@@ -60,6 +60,11 @@ class ModelConfig(Section):
         False, description="Recompute activations in backward: less memory, ~30% slower."
     )
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Glob patterns of parameter names to keep frozen, e.g. ['*embed_tokens*'] (with tied "
+        "embeddings this freezes the output head too).",
+    )
 
 
 class DataConfig(Section):
@@ -132,6 +137,21 @@ class TrainConfig(Section):
         True, description="Also log to TensorBoard (run_dir/tensorboard) when it is installed."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    trackers: list[str] = Field(
+        default_factory=list,
+        description="Also log metrics to these: 'tensorboard', 'mlflow', 'wandb' (each needs its pip package; "
+        "W&B offline unless configured) or 'module:Class'. metrics.jsonl is always written.",
+    )
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_installed(cls, names: list[str]) -> list[str]:
+        from posttrain.monitor.trackers import check_trackers
+
+        try:
+            return check_trackers(names)
+        except ConfigError as e:  # pydantic reports ValueErrors with the key they belong to
+            raise ValueError(str(e)) from None
 
 
 class PreferenceOptions(Section):

@@ -58,9 +58,24 @@ def load_model(cfg: ModelConfig, *, trainable: bool = True):
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora)
+    if cfg.freeze:
+        freeze(model, cfg.freeze)
     if not trainable:
         model.requires_grad_(False).eval()
     return model
+
+
+def freeze(model, patterns: list[str]) -> None:
+    """Stop training the parameters whose names match any glob pattern (e.g. "*embed_tokens*")."""
+    import fnmatch
+
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatch(n, pattern) for n in names):
+            raise ConfigError(f"model.freeze: {pattern!r} matches no parameter (e.g. {names[0]!r})")
+    for name, param in model.named_parameters():
+        if any(fnmatch.fnmatch(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
 
 
 def add_lora(model, lora: LoraConfig):

@@ -48,7 +48,7 @@ def grpo(start, name, *, flawed: bool, action: str):
     rewards = ["exact_match"]
     if flawed:
         rewards.append({"name": "flawed_rewards:long_answer_bonus", "label": "length_bonus", "weight": 4.0})
-    rule = {"rule": "reward_hacking", "window": 3, "action": action}
+    rule = {"rule": "reward_hacking", "window": 4, "min_gold_drop": 0.1, "action": action}
     if action == "rollback":
         rule["adjust"] = {"lr": 0.2}
     return train(

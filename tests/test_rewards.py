@@ -280,7 +280,13 @@ def test_combined_checks_row_fields_and_construction():
 def test_resolve_built_ins_and_options():
     assert resolve("math_answer") is math_answer and resolve(exact_match) is exact_match
     assert set(REWARD_FNS) == {"math_answer", "exact_match", "code_tests"}
-    assert set(REWARD_FACTORIES) == {"format_regex", "length_penalty", "overlong_penalty", "reward_model", "judge"}
+    assert set(REWARD_FACTORIES) == {
+        "format_regex",
+        "length_penalty",
+        "overlong_penalty",
+        "reward_model",
+        "judge",
+    }
     overlong = resolve({"name": "overlong_penalty", "max_length": 8, "cache": 2})
     assert overlong([""], ["x"], completion_lengths=[7]) == [-0.5]
     fmt = resolve({"name": "format_regex", "pattern": r"\d+", "mode": "search"})

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
 from posttrain.engine.run import read_metrics
+from posttrain.errors import ConfigError
 from posttrain.eval.generation import accuracy
 from posttrain.tasks import arithmetic
 from posttrain.tasks.tiny import build_tiny
@@ -227,3 +228,19 @@ def test_gradient_checkpointing_and_bf16_autocast(task, tmp_path):
     bf16 = train(config(task, tmp_path / "bf16", max_steps=3, precision="bf16"))
     lb = [m["loss"] for m in read_metrics(bf16.run_dir)]
     assert lb == pytest.approx(lp, rel=2e-2) and lb != lp  # autocast really on: close, not equal
+
+
+def test_frozen_parameters_do_not_move(task, tmp_path):
+    cfg = config(task, tmp_path / "frozen", max_steps=3)
+    cfg["model"]["freeze"] = ["*embed_tokens*", "model.layers.0.*"]
+    res = train(cfg)
+    before = AutoModelForCausalLM.from_pretrained(task / "tiny").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(res.final).state_dict()
+    frozen = [k for k in before if "embed_tokens" in k or k.startswith("model.layers.0.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(
+        before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"]
+    )
+    cfg["model"]["freeze"] = ["*no_such_weight*"]
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        train({**cfg, "out": str(tmp_path / "bad")})

@@ -285,7 +285,7 @@ def train_loop(
             f"{run.path} already holds checkpoints; pass --resume to continue it, or use a new out"
         )
     resume_step = state.step if resume and last else None
-    run.open_metrics(resume_step=resume_step, tensorboard=cfg.tensorboard)
+    run.open_metrics(resume_step=resume_step, tensorboard=cfg.tensorboard, trackers=cfg.trackers)
     if monitor is not None:
         monitor.open(resume_step=resume_step)
 

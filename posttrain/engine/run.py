@@ -108,7 +108,8 @@ class Run:
     def __init__(self, path: str | Path, *, write: bool = True):
         self.path = Path(path)
         self.write = write
-        self._tb = None
+        self._trackers: list = []
+        self._config: dict = {}
         if write:
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -125,6 +126,7 @@ class Run:
         self, *, config: dict, seed: int, inputs: list[str | Path], models: list[str], **extra
     ) -> dict:
         """manifest.json: what an auditor needs to reproduce or trace this run."""
+        self._config = config
         model_inputs = [f for m in models for f in model_files(m)]
         manifest = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -152,7 +154,7 @@ class Run:
 
     # ------------------------------------------------------------------ metrics
 
-    def open_metrics(self, *, resume_step: int | None, tensorboard: bool) -> None:
+    def open_metrics(self, *, resume_step: int | None, tensorboard: bool, trackers=()) -> None:
         """Start the metrics log. On resume, drop lines logged after the checkpoint we resume from:
         those steps are about to be run again and would otherwise appear twice."""
         if not self.write:
@@ -166,13 +168,12 @@ class Run:
             self.metrics_file.write_text("".join(line + "\n" for line in kept))
         elif resume_step is None and self.metrics_file.exists():
             self.metrics_file.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        from posttrain.monitor.trackers import available, make_trackers
 
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
-            except ImportError:  # tensorboard not installed: the jsonl log is enough
-                self._tb = None
+        names = list(trackers)
+        if tensorboard and "tensorboard" not in names and available("tensorboard"):
+            names.append("tensorboard")  # on by default where installed; the jsonl log is enough otherwise
+        self._trackers = make_trackers(names, self.path, self._config, resume=resume_step is not None)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.write:
@@ -180,15 +181,13 @@ class Run:
         record = {"step": step, "time": round(time.time(), 3), **metrics}
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        for tracker in self._trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -9,21 +9,25 @@ from posttrain.quickstart import LEVELS, Budget, quickstart
 
 
 def test_quickstart_smoke_and_reuse(tmp_path, capsys):
-    budget = Budget(base_steps=6, sft_steps=4, reward_steps=3, dpo_steps=3, eval_per_level=8, rows=600)
+    budget = Budget(
+        base_steps=6, sft_steps=4, reward_steps=3, dpo_steps=3, grpo_steps=2, eval_per_level=8, rows=600
+    )
     summary = quickstart(tmp_path, budget=budget)
     table = summary["held_out_exact_match"]
-    assert set(table) == {"base", "sft"} and set(table["sft"]) == {*LEVELS, "all"}
+    assert set(table) == {"base", "sft", "grpo"} and set(table["grpo"]) == {*LEVELS, "all"}
     assert all(0.0 <= v <= 1.0 for stage in table.values() for v in stage.values())
     assert 0 <= summary["reward_model_pair_accuracy"] <= 1 and 0 <= summary["dpo_win_rate_vs_sft"] <= 1
-    for stage in ("base", "sft", "reward", "dpo"):
+    for stage in ("base", "sft", "reward", "dpo", "grpo"):
         assert (tmp_path / stage / "final" / "config.json").exists()
         assert (tmp_path / stage / "manifest.json").exists()
     sft_manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
     assert str((tmp_path / "base").resolve()) in sft_manifest["parents"]  # lineage: sft <- base
     out = capsys.readouterr().out
     assert "held-out exact match" in out and "add2" in out
+    assert (tmp_path / "report.html").exists() and (tmp_path / "grpo" / "MODEL_CARD.md").exists()
+    assert (tmp_path / "grpo" / "samples.jsonl").exists()
     quickstart(tmp_path, budget=budget)  # finished stages are reused, not re-run
-    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 4
+    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 5
 
 
 @pytest.mark.slow

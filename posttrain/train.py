@@ -121,6 +121,26 @@ def prepare(
             )
 
 
+def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult:
+    """final/ (main process) and the result in the manifest, unless the run was interrupted."""
+    final = None
+    if result.interrupted is None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = run.final
+            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
+            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
+        accelerator.wait_for_everyone()
+    return StageResult(
+        run_dir=run.path,
+        final=final,
+        step=result.step,
+        metrics=result.metrics,
+        eval_metrics=result.eval_metrics,
+        interrupted=result.interrupted,
+    )
+
+
 def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
     if cfg.online:
@@ -176,22 +196,7 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
         monitor=build_monitor(cfg, run, accelerator),
         resume=resume,
     )
-    final = None
-    if result.interrupted is None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = run.final
-            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
-            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
-        accelerator.wait_for_everyone()
-    return StageResult(
-        run_dir=run.path,
-        final=final,
-        step=result.step,
-        metrics=result.metrics,
-        eval_metrics=result.eval_metrics,
-        interrupted=result.interrupted,
-    )
+    return finish(result, algo, model, tokenizer, run, accelerator)
 
 
 # --------------------------------------------------------------------------------------------- online
@@ -369,19 +374,4 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
         )
     finally:
         source.close()
-    final = None
-    if result.interrupted is None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = run.final
-            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
-            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
-        accelerator.wait_for_everyone()
-    return StageResult(
-        run_dir=run.path,
-        final=final,
-        step=result.step,
-        metrics=result.metrics,
-        eval_metrics=result.eval_metrics,
-        interrupted=result.interrupted,
-    )
+    return finish(result, algo, model, tokenizer, run, accelerator)

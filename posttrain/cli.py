@@ -6,6 +6,7 @@
     posttrain eval rm --model DIR [--data F]    audit a reward model: accuracy, calibration, biases
     posttrain report RUN_DIR                    report.html (plots, tables, alerts) of a run or a pipeline
     posttrain pipeline PIPELINE.yaml [--until S|--only S] [--fresh] [--dry-run]   multi-stage run, finished stages reused
+    posttrain generate best-of-n|constitutional|label ...   SFT / preference data with AI feedback, data card
     posttrain card RUN_DIR                      MODEL_CARD.md: stages, data hashes, hyper-parameters, evals, alerts
     posttrain lineage RUN_DIR [--json]          runs and input files (sha256) a run descends from
     posttrain eval run SUITE --model DIR [--against DIR] [--out DIR] [--baseline EVAL.json --gates G.yaml]
@@ -390,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.pipeline import add_parser as add_pipeline_parser
     from posttrain.report import add_parser as add_report_parser
 
+    from posttrain.generate import add_parser as add_generate_parser
+
     add_pipeline_parser(sub)
+    add_generate_parser(sub)  # generate best-of-n | constitutional | label
     add_report_parser(sub)
     add_audit_parser(sub)  # card, lineage
     return p

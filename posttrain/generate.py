@@ -1,0 +1,696 @@
+"""Data generation with AI feedback: the model writes the data, a verifier or a judge labels it.
+
+    best_of_n        sample n per prompt, score (verifier / reward fns / judge), keep the best as SFT
+                     data and best-vs-worst as a preference pair (rejection sampling)
+    constitutional   draft -> critique against a sampled principle -> revision (Bai et al. 2022,
+                     "Constitutional AI", arXiv:2212.08073, sec. 3): SFT on revisions, revision over draft
+    label_pairs      RLAIF: an LLM judge relabels existing preference pairs, judged in both orders;
+                     pairs whose verdict flips with the order (position bias) or ties are dropped
+    filter_rows      dedup, length bounds, score floor, eval contamination; each reports its removals
+
+Everything generated is a plain row in the shapes ``posttrain.data.schemas`` reads (prompt and
+answers both strings, or both message lists), plus a ``provenance`` field: the method, the model,
+the scorer or judge and its scores, the principle. ``write_dataset`` writes the rows and a
+DATA_CARD.md beside them (sources, labelling protocol, every filter with its removed count).
+
+Generation goes through a *sampler*, ``fn(prompts, n) -> [[text] * n for each prompt]``:
+:func:`model_sampler` builds one from a model directory (the rollout engine, with the chat
+template); tests pass a stub.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+from posttrain.data.io import read_rows, write_jsonl
+from posttrain.errors import ConfigError, DataError
+from posttrain.rollout.engine import Sampling
+
+Prompt = str | list[dict]
+Sampler = Callable[[list[Prompt], int], list[list[str]]]
+"""``fn(prompts, n) -> [[text] * n for each prompt]``: n sampled completions per prompt."""
+
+DEFAULT_PRINCIPLES = Path(__file__).parent / "generate_data" / "principles.yaml"
+
+
+def model_sampler(model_path: str, sampling: Sampling, *, batch_size: int | None = None) -> Sampler:
+    """A sampler generating with the model at ``model_path`` (GPU when there is one); message-list
+    prompts go through its chat template with the generation prompt."""
+    from posttrain.eval.suite import load_engine
+    from posttrain.rollout.source import encode_prompts
+
+    engine, tokenizer = load_engine(model_path, batch_size=batch_size)
+
+    def sample(prompts: list[Prompt], n: int) -> list[list[str]]:
+        _, ids = encode_prompts(tokenizer, [{"prompt": p} for p in prompts])
+        groups = engine.generate(ids, n, sampling)
+        truncated = sum(c.finish_reason == "length" for g in groups for c in g)
+        if groups and truncated == sum(len(g) for g in groups):
+            warnings.warn(
+                f"every completion hit max_new_tokens={sampling.max_new_tokens}; raise it", stacklevel=2
+            )
+        return [[c.text for c in group] for group in groups]
+
+    return sample
+
+
+def _rows(source: str | Path | Sequence[dict]) -> list[dict]:
+    return [row for _, row in read_rows(source)] if isinstance(source, (str, Path)) else list(source)
+
+
+def _answer(prompt: Prompt, text: str):
+    """A completion in the prompt's shape: a string, or one assistant message."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def _turns(prompt: Prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+# --------------------------------------------------------------------------------------- best-of-n
+
+
+def _scorer(scorer) -> tuple[Callable, list[str], str]:
+    """(``fn(prompts, texts, fields) -> scores``, component names, labelling protocol) for a
+    :class:`~posttrain.eval.judge.Judge` or anything :func:`posttrain.rewards.combine` takes."""
+    from posttrain.eval.judge import Judge
+    from posttrain.rewards import combine
+
+    if isinstance(scorer, Judge):
+
+        def judged(prompts, texts, fields) -> list[float]:
+            # an unparseable judgment scores 0: it must never beat a judged completion
+            return [r.normalised or 0.0 for r in scorer.pointwise(prompts, texts)]
+
+        return judged, [f"judge:{scorer.rubric.name}"], "judge"
+    specs = [scorer] if isinstance(scorer, str) or callable(scorer) else scorer
+    combined = combine(specs)
+    names = list(combined.components)
+    judged_by_model = any(
+        isinstance(s, Mapping) and s.get("name") in ("judge", "reward_model") for s in specs
+    ) or any(name in ("judge", "reward_model") for name in names)
+
+    def scored(prompts, texts, fields) -> list[float]:
+        return combined.score(prompts, texts, **fields).total
+
+    return scored, names, "judge" if judged_by_model else "verifier"
+
+
+def best_of_n(
+    model_path: str,
+    prompts_file: str | Path | Sequence[dict],
+    *,
+    n: int,
+    scorer,
+    sampling: Sampling | None = None,
+    min_gap: float = 0.0,
+    sampler: Sampler | None = None,
+) -> tuple[list[dict], list[dict], dict]:
+    """Best-of-n / rejection sampling: sample ``n`` completions per prompt and score them.
+
+    Args:
+        model_path: the generator (recorded in every row; loaded unless ``sampler`` is given).
+        prompts_file: prompt rows ``{"prompt", **fields}`` (a file or the rows); the fields
+            (``answer``...) go to the reward fns and ride along into the output rows.
+        scorer: reward specs as :func:`posttrain.rewards.combine` takes them (``["exact_match"]``),
+            or a :class:`~posttrain.eval.judge.Judge` (pointwise score in [0, 1]).
+        min_gap: a preference pair (best over worst) is kept when their score gap is >= this
+            (and > 0: equal scores say nothing about which is better).
+        sampler: generates instead of ``model_path``'s model (tests, other engines).
+
+    Returns:
+        ``(sft_rows, preference_rows, stats)``. One SFT row per prompt whose best completion is
+        not blank (best = highest total score, the first on ties); rows are ``{"prompt",
+        "completion", **fields, "provenance"}``. ``stats`` holds the mean score of all samples
+        (plain sampling) and of the kept best ones, and the counts.
+    """
+    if n < 1:
+        raise ConfigError(f"best_of_n: n must be >= 1 (got {n})")
+    rows = _rows(prompts_file)
+    score, names, protocol = _scorer(scorer)
+    sample = sampler or model_sampler(model_path, sampling or Sampling())
+    prompts = [row["prompt"] for row in rows]
+    groups = sample(prompts, n)
+    # one scoring call for all samples: every prompt's row fields repeated n times
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    flat_texts = [t for g in groups for t in g]
+    fields = {
+        k: [row.get(k) for row in rows for _ in range(n)]
+        for k in sorted({k for row in rows for k in row} - {"prompt", "provenance"})
+    }
+    flat_scores = score(flat_prompts, flat_texts, fields)
+
+    sft, pairs = [], []
+    counts = Counter()
+    for i, (row, texts) in enumerate(zip(rows, groups)):
+        scores = flat_scores[i * n : (i + 1) * n]
+        best = max(range(n), key=lambda j: (scores[j], -j))
+        worst = min(range(n), key=lambda j: (scores[j], j))
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "provenance")}
+        prov = {"method": "best_of_n", "generator": str(model_path), "scorer": names, "n": n}
+        if not texts[best].strip():
+            counts["blank_best"] += 1
+            continue
+        counts["spread"] += scores[best] > scores[worst]
+        sft.append(
+            {
+                "prompt": row["prompt"],
+                "completion": _answer(row["prompt"], texts[best]),
+                **extra,
+                "provenance": {**prov, "score": scores[best], "scores": scores},
+            }
+        )
+        gap = scores[best] - scores[worst]
+        if gap <= 0 or gap < min_gap or not texts[worst].strip() or texts[best] == texts[worst]:
+            counts["pairs_skipped"] += 1
+            continue
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": _answer(row["prompt"], texts[best]),
+                "rejected": _answer(row["prompt"], texts[worst]),
+                **extra,
+                "provenance": {**prov, "score": scores[best], "rejected_score": scores[worst], "gap": gap},
+            }
+        )
+    if rows and counts["spread"] == 0:
+        warnings.warn(
+            "best_of_n: all n samples of every prompt scored the same; the scorer ranks nothing", stacklevel=2
+        )
+    stats = {
+        "prompts": len(rows),
+        "samples": len(flat_texts),
+        "n": n,
+        "protocol": protocol,
+        "score_mean_all": sum(flat_scores) / len(flat_scores) if flat_scores else None,
+        "score_mean_best": sum(r["provenance"]["score"] for r in sft) / len(sft) if sft else None,
+        "sft_rows": len(sft),
+        "preference_rows": len(pairs),
+        "blank_best": counts["blank_best"],
+        "pairs_below_gap": counts["pairs_skipped"],
+    }
+    return sft, pairs, stats
+
+
+# ---------------------------------------------------------------------------------- constitutional
+
+
+class Principle(BaseModel):
+    """One principle: the critique request and the revision request sent after the draft."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr = Field(min_length=1)
+    critique: StrictStr = Field(min_length=1)
+    revision: StrictStr = Field(min_length=1)
+
+
+def load_principles(path: str | Path = DEFAULT_PRINCIPLES) -> list[Principle]:
+    """A YAML list of ``{id, critique, revision}``; ConfigError naming the file and entry."""
+    from posttrain.eval.suite import read_yaml, validate
+
+    raw = read_yaml(path)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{path}: expected a non-empty YAML list of {{id, critique, revision}}")
+    principles = [validate(Principle, item, f"{path} entry {i}") for i, item in enumerate(raw)]
+    dupes = [k for k, c in Counter(p.id for p in principles).items() if c > 1]
+    if dupes:
+        raise ConfigError(f"{path}: principle ids must be unique; repeated: {dupes}")
+    return principles
+
+
+def constitutional(
+    model_path: str,
+    prompts_file: str | Path | Sequence[dict],
+    *,
+    principles: str | Path | Sequence[Principle] = DEFAULT_PRINCIPLES,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+) -> tuple[list[dict], list[dict], dict]:
+    """Critique-and-revise: for each prompt the model drafts a response, critiques its draft
+    against one principle (drawn with ``random.Random(seed)``, the same draw for the same seed),
+    and revises it. Critique and revision continue the conversation, as in the paper:
+
+        user: prompt / assistant: draft / user: critique request / assistant: critique /
+        user: revision request / assistant: revision
+
+    Returns:
+        ``(sft_rows, preference_rows, stats)``: SFT rows are the revisions, preference rows the
+        revision over the draft (when both are non-blank and differ). ``provenance`` records the
+        model, the principle id, the draft and the critique.
+    """
+    rows = _rows(prompts_file)
+    if isinstance(principles, (str, Path)):
+        principles = load_principles(principles)
+    rng = random.Random(seed)
+    drawn = [rng.choice(principles) for _ in rows]
+    sample = sampler or model_sampler(model_path, sampling or Sampling())
+    prompts = [row["prompt"] for row in rows]
+    drafts = [g[0] for g in sample(prompts, 1)]
+    asked = [
+        _turns(p) + [{"role": "assistant", "content": d}, {"role": "user", "content": pr.critique}]
+        for p, d, pr in zip(prompts, drafts, drawn)
+    ]
+    critiques = [g[0] for g in sample(asked, 1)]
+    asked = [
+        a + [{"role": "assistant", "content": c}, {"role": "user", "content": pr.revision}]
+        for a, c, pr in zip(asked, critiques, drawn)
+    ]
+    revisions = [g[0] for g in sample(asked, 1)]
+
+    sft, pairs = [], []
+    blank = unchanged = 0
+    for row, draft, critique, revision, principle in zip(rows, drafts, critiques, revisions, drawn):
+        prompt = row["prompt"]
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "provenance")}
+        prov = {
+            "method": "constitutional",
+            "generator": str(model_path),
+            "principle": principle.id,
+            "seed": seed,
+            "draft": draft,
+            "critique": critique,
+        }
+        if not revision.strip():
+            blank += 1
+            continue
+        sft.append({"prompt": prompt, "completion": _answer(prompt, revision), **extra, "provenance": prov})
+        if not draft.strip() or draft.strip() == revision.strip():
+            unchanged += 1
+            continue
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": _answer(prompt, revision),
+                "rejected": _answer(prompt, draft),
+                **extra,
+                "provenance": prov,
+            }
+        )
+    stats = {
+        "prompts": len(rows),
+        "sft_rows": len(sft),
+        "preference_rows": len(pairs),
+        "blank_revisions": blank,
+        "revision_same_as_draft": unchanged,
+        "principles": dict(Counter(p.id for p in drawn)),
+    }
+    return sft, pairs, stats
+
+
+# --------------------------------------------------------------------------------------- labelling
+
+
+def label_pairs(pairs_file: str | Path | Sequence[dict], judge, *, judge_name: str = "judge"):
+    """RLAIF: relabel preference pairs with an LLM judge (pairwise, both orders).
+
+    Each pair is judged with the original chosen shown first and shown second; a verdict that
+    changes with the order is position bias, not preference, so the pair is dropped, as are ties
+    and failed judgments. A pair the judge prefers the other way round is flipped.
+
+    Args:
+        pairs_file: rows ``{"prompt", "chosen", "rejected", ...}`` (a file or the rows).
+        judge: a :class:`~posttrain.eval.judge.Judge`.
+        judge_name: recorded in each row's provenance (the judge model's path).
+
+    Returns:
+        ``(rows, stats)``: the kept pairs, ``provenance`` holding the judge, both verdicts and
+        whether the pair was flipped; stats count consistent, inconsistent, failures, ties,
+        kept, agreed (kept as given), flipped and dropped.
+    """
+    rows = _rows(pairs_file)
+    report = judge.pairwise(
+        [r["prompt"] for r in rows],
+        [r["chosen"] for r in rows],
+        [r["rejected"] for r in rows],
+        swap=True,
+        inconsistent="drop",
+    )
+    out, counts = [], Counter()
+    for row, result in zip(rows, report.results):
+        if result.verdict not in ("A", "B"):  # None: failed or inconsistent; "tie": no preference
+            counts["ties" if result.verdict == "tie" else "dropped_other"] += 1
+            continue
+        flipped = result.verdict == "B"
+        counts["flipped" if flipped else "agreed"] += 1
+        chosen, rejected = (row["rejected"], row["chosen"]) if flipped else (row["chosen"], row["rejected"])
+        prov = {
+            "method": "rlaif_label",
+            "judge": judge_name,
+            "rubric": judge.rubric.name,
+            "verdicts": [result.first, result.swapped],
+            "flipped": flipped,
+            "original": row.get("provenance"),
+        }
+        rest = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "provenance")}
+        out.append(
+            {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected, **rest, "provenance": prov}
+        )
+    stats = {
+        "pairs": len(rows),
+        "consistent": report.consistent,
+        "inconsistent": report.inconsistent,
+        "failures": report.failures,
+        "ties": counts["ties"],
+        "kept": len(out),
+        "agreed": counts["agreed"],
+        "flipped": counts["flipped"],
+        "dropped": len(rows) - len(out),
+    }
+    if rows and report.failures > len(rows) / 2:
+        warnings.warn(
+            f"label_pairs: {report.failures} of {len(rows)} judgments could not be parsed; check the judge "
+            "model and its max_new_tokens",
+            stacklevel=2,
+        )
+    if rows and report.inconsistent > report.consistent:
+        warnings.warn(
+            f"label_pairs: the judge was position-inconsistent on {report.inconsistent} of {len(rows)} pairs; "
+            "it is measuring position, not quality",
+            stacklevel=2,
+        )
+    return out, stats
+
+
+# ----------------------------------------------------------------------------------------- filters
+
+
+def _answers(row: dict) -> list[str]:
+    from posttrain.data.quality import row_text
+
+    return [row_text(row, f) for f in ("completion", "chosen", "rejected") if f in row]
+
+
+def filter_rows(
+    rows: list[dict],
+    *,
+    dedup: str = "near",
+    min_chars: int | None = None,
+    max_chars: int | None = None,
+    min_score: float | None = None,
+    against: Sequence[str | Path] = (),
+    contamination_n: int = 13,
+    contamination_unit: str = "word",
+) -> tuple[list[dict], list[dict]]:
+    """Apply the filters in order; return the kept rows and ``[{name, removed, description}]``
+    for the data card (one entry per filter asked for, even when it removed nothing).
+
+    Args:
+        dedup: "near" (exact + MinHash near duplicates of the whole row), "exact" or "none".
+        min_chars, max_chars: bounds on every answer's length (completion; chosen and rejected).
+        min_score: drop rows whose ``provenance.score`` (verifier / judge score of the kept
+            answer) is below this; rows without a score are an error, not silently kept.
+        against: eval files; a row whose prompt shares a ``contamination_n``-gram with any eval
+            prompt (or appears inside one, when shorter) is dropped.
+    """
+    from posttrain.data import quality
+
+    steps = []
+
+    def keep(name: str, description: str, ok: Callable[[int, dict], bool]) -> None:
+        nonlocal rows
+        kept = [row for i, row in enumerate(rows) if ok(i, row)]
+        steps.append({"name": name, "removed": len(rows) - len(kept), "description": description})
+        rows = kept
+
+    if dedup not in ("near", "exact", "none"):
+        raise ConfigError(f"dedup must be 'near', 'exact' or 'none' (got {dedup!r})")
+    if dedup != "none" and rows:
+        view = [{k: v for k, v in r.items() if k in quality.TEXT_FIELDS} for r in rows]
+        kept = set(quality.dedup(view, near=dedup == "near").kept)
+        keep(
+            f"dedup ({dedup})",
+            "normalised text of prompt and answers; first of each group kept",
+            lambda i, _: i in kept,
+        )
+    if min_chars is not None or max_chars is not None:
+        low, high = min_chars or 0, max_chars if max_chars is not None else float("inf")
+        keep(
+            "length",
+            f"every answer {low}..{high} characters",
+            lambda _, r: all(low <= len(t) <= high for t in _answers(r)),
+        )
+    if min_score is not None:
+        unscored = [i for i, r in enumerate(rows) if "score" not in (r.get("provenance") or {})]
+        if unscored:
+            raise DataError(
+                f"min_score: {len(unscored)} rows have no provenance.score (first: row {unscored[0]})"
+            )
+        keep(
+            "score floor",
+            f"verifier / judge score >= {min_score}",
+            lambda _, r: r["provenance"]["score"] >= min_score,
+        )
+    if against:
+        eval_texts = [quality.row_text(row, "prompt") for path in against for _, row in read_rows(path)]
+        overlaps = quality.contamination(
+            eval_texts,
+            [quality.row_text(r, "prompt") for r in rows],
+            n=contamination_n,
+            unit=contamination_unit,
+        )  # generated prompts as the checked side: each is flagged on its own
+        flagged = {o.index for o in overlaps if o.flagged}
+        names = ", ".join(Path(p).name for p in against)
+        keep(
+            "contamination",
+            f"prompt shares a {contamination_n}-{contamination_unit} n-gram with {names}",
+            lambda i, _: i not in flagged,
+        )
+    return rows, steps
+
+
+def write_dataset(
+    out_dir: str | Path,
+    rows: list[dict],
+    *,
+    filters: Sequence[Mapping],
+    sources: Sequence,
+    protocol: str,
+    generator: str | None = None,
+    judge: str | None = None,
+    stats: Mapping | None = None,
+    title: str | None = None,
+) -> Path | None:
+    """``out_dir/data.jsonl`` and ``out_dir/DATA_CARD.md`` beside it; None (and a warning) when
+    no row is left, since an empty file would only fail later, in training."""
+    if not rows:
+        warnings.warn(f"no rows left for {out_dir}; nothing written", stacklevel=2)
+        return None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = write_jsonl(out_dir / "data.jsonl", rows)
+    from posttrain.audit.cards import data_card
+
+    data_card(
+        path,
+        sources=sources,
+        filters=filters,
+        protocol=protocol,
+        title=title,
+        generator=generator,
+        judge=judge,
+        extra={k: json.dumps(v) if isinstance(v, dict) else v for k, v in (stats or {}).items()},
+    )
+    return path
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _sampling(args) -> Sampling:
+    return Sampling(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+
+
+def _filter_options(args) -> dict:
+    return {
+        "dedup": args.dedup,
+        "min_chars": args.min_chars,
+        "max_chars": args.max_chars,
+        "against": args.contamination or (),
+        "contamination_n": args.contamination_n,
+        "contamination_unit": args.contamination_unit,
+    }
+
+
+def _write_all(
+    args, outputs: dict[str, list[dict]], stats: dict, *, protocol, sources, generator, judge, min_score=None
+) -> None:
+    print(json.dumps(stats))
+    for kind, rows in outputs.items():
+        kept, steps = filter_rows(rows, **_filter_options(args), min_score=min_score)
+        path = write_dataset(
+            Path(args.out) / kind,
+            kept,
+            filters=steps,
+            sources=sources,
+            protocol=protocol,
+            generator=generator,
+            judge=judge,
+            stats=stats,
+            title=f"{args.generate_command} {kind}",
+        )
+        removed = ", ".join(f"{s['name']} -{s['removed']}" for s in steps) or "no filters"
+        print(f"{kind}: {len(rows)} rows, {len(kept)} kept after filters ({removed}) -> {path}")
+
+
+def _reward_spec(text: str):
+    return json.loads(text) if text.lstrip().startswith("{") else text
+
+
+def _best_of_n(args) -> int:
+    from posttrain.eval.judge import Judge
+
+    if bool(args.reward) == bool(args.judge):
+        raise ConfigError("best-of-n: give either --reward (repeatable) or --judge MODEL")
+    scorer = (
+        Judge.from_pretrained(args.judge, args.rubric)
+        if args.judge
+        else [_reward_spec(r) for r in args.reward]
+    )
+    sft, pairs, stats = best_of_n(
+        args.model, args.prompts, n=args.n, scorer=scorer, sampling=_sampling(args), min_gap=args.min_gap
+    )
+    _write_all(
+        args,
+        {"sft": sft, "preference": pairs},
+        stats,
+        protocol=stats["protocol"],
+        sources=[args.prompts],
+        generator=args.model,
+        judge=args.judge or ", ".join(map(str, args.reward)),
+        min_score=args.min_score,
+    )
+    return 0
+
+
+def _constitutional(args) -> int:
+    sft, pairs, stats = constitutional(
+        args.model, args.prompts, principles=args.principles, sampling=_sampling(args), seed=args.seed
+    )
+    _write_all(
+        args,
+        {"sft": sft, "preference": pairs},
+        stats,
+        protocol="judge",
+        sources=[args.prompts, str(args.principles)],
+        generator=args.model,
+        judge=f"{args.model} (self-critique)",
+    )
+    return 0
+
+
+def _label(args) -> int:
+    from posttrain.eval.judge import Judge
+
+    judge = Judge.from_pretrained(args.judge, args.rubric, max_new_tokens=args.max_new_tokens)
+    rows, stats = label_pairs(args.pairs, judge, judge_name=args.judge)
+    _write_all(
+        args,
+        {"preference": rows},
+        stats,
+        protocol="judge",
+        sources=[args.pairs],
+        generator=None,
+        judge=f"{args.judge} (rubric {args.rubric}, both orders)",
+    )
+    return 0
+
+
+def _common(p, *, sampling: bool = True) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/<kind>/data.jsonl + DATA_CARD.md")
+    if sampling:
+        p.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="default: %(default)s")
+        p.add_argument("--temperature", type=float, default=1.0, help="default: %(default)s")
+        p.add_argument("--top-p", type=float, default=1.0, help="default: %(default)s")
+        p.add_argument(
+            "--seed", type=int, default=0, help="sampling (and principle) seed; default: %(default)s"
+        )
+    f = p.add_argument_group("filters (applied to every output, in this order; the card lists removals)")
+    f.add_argument("--dedup", choices=["near", "exact", "none"], default="near", help="default: %(default)s")
+    f.add_argument("--min-chars", type=int, metavar="N", help="drop rows with an answer shorter than N chars")
+    f.add_argument("--max-chars", type=int, metavar="N", help="drop rows with an answer longer than N chars")
+    f.add_argument(
+        "--contamination",
+        action="append",
+        metavar="EVAL",
+        help="eval file whose prompts must not appear (n-gram overlap with the row's prompt); repeatable",
+    )
+    f.add_argument("--contamination-n", type=int, default=13, metavar="N", help="n-gram length; default: 13")
+    f.add_argument("--contamination-unit", choices=["word", "char"], default="word", help="default: word")
+
+
+def add_parser(subparsers) -> None:
+    """Add ``posttrain generate {best-of-n, constitutional, label}`` to ``posttrain``'s subparsers."""
+    g = subparsers.add_parser(
+        "generate",
+        help="generate training data with AI feedback: best-of-n, constitutional revisions, RLAIF labels",
+        description="Generate SFT and preference data with a model and a verifier or judge. Every row records "
+        "its provenance; each output gets a DATA_CARD.md with its sources and filter counts.",
+    )
+    gsub = g.add_subparsers(dest="generate_command", required=True, metavar="GENERATE_COMMAND")
+    b = gsub.add_parser(
+        "best-of-n",
+        help="sample n per prompt, keep the best (SFT) and best-vs-worst (preference)",
+        description="Rejection sampling: n completions per prompt scored by reward fns (a verifier such as "
+        "exact_match, using the prompt rows' fields) or an LLM judge; the best becomes an SFT row, best over "
+        "worst a preference pair when their score gap is >= --min-gap.",
+    )
+    b.add_argument("--model", required=True, metavar="DIR", help="generator model (directory or hub name)")
+    b.add_argument("--prompts", required=True, metavar="FILE", help="prompt rows {prompt, ...fields}")
+    b.add_argument("-n", type=int, default=8, help="samples per prompt (default: %(default)s)")
+    b.add_argument(
+        "--reward",
+        action="append",
+        metavar="SPEC",
+        help="reward spec: a name (exact_match, math_answer), module:function or a JSON dict; repeatable",
+    )
+    b.add_argument("--judge", metavar="DIR", help="score with this LLM judge (pointwise) instead of --reward")
+    b.add_argument("--rubric", default="default", help="judge rubric (default: %(default)s)")
+    b.add_argument("--min-gap", type=float, default=0.0, help="least best-worst score gap for a pair")
+    b.add_argument("--min-score", type=float, help="filter: drop rows whose kept answer scored below this")
+    _common(b)
+    b.set_defaults(func=_best_of_n)
+
+    c = gsub.add_parser(
+        "constitutional",
+        help="draft, critique against a principle, revise (Constitutional AI)",
+        description="For each prompt the model drafts, critiques its draft against a principle drawn with "
+        "--seed, and revises: revisions become SFT rows, revision-over-draft preference pairs.",
+    )
+    c.add_argument(
+        "--model", required=True, metavar="DIR", help="the model that drafts, critiques and revises"
+    )
+    c.add_argument("--prompts", required=True, metavar="FILE", help="prompt rows {prompt, ...}")
+    c.add_argument(
+        "--principles",
+        default=str(DEFAULT_PRINCIPLES),
+        metavar="YAML",
+        help="list of {id, critique, revision} (default: the bundled principles.yaml)",
+    )
+    _common(c)
+    c.set_defaults(func=_constitutional)
+
+    lab = gsub.add_parser(
+        "label",
+        help="relabel preference pairs with an LLM judge (RLAIF), dropping position-inconsistent labels",
+        description="Judge each pair in both orders; keep it (flipped if the judge prefers the rejected answer) "
+        "only when both orders agree on a winner. Prints consistent / flipped / dropped counts.",
+    )
+    lab.add_argument(
+        "--pairs", required=True, metavar="FILE", help="preference rows {prompt, chosen, rejected}"
+    )
+    lab.add_argument("--judge", required=True, metavar="DIR", help="the judge model (directory or hub name)")
+    lab.add_argument("--rubric", default="default", help="judge rubric (default: %(default)s)")
+    lab.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="judge budget")
+    _common(lab, sampling=False)
+    lab.set_defaults(func=_label)

@@ -388,10 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", metavar="DIR", help="also write judge_agreement.json there")
     j.set_defaults(func=_eval_judge)
     from posttrain.audit import add_parser as add_audit_parser
+    from posttrain.generate import add_parser as add_generate_parser
     from posttrain.pipeline import add_parser as add_pipeline_parser
     from posttrain.report import add_parser as add_report_parser
-
-    from posttrain.generate import add_parser as add_generate_parser
 
     add_pipeline_parser(sub)
     add_generate_parser(sub)  # generate best-of-n | constitutional | label

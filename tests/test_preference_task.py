@@ -190,6 +190,30 @@ def test_length_bias_out_of_range_is_an_error():
         P.preference_rows(10, length_bias=1.5)
 
 
+# --- answer pairs (DPO from a model that answers with the bare number) -----------------------
+
+
+def test_answer_pairs_are_concise_correct_vs_concise_near_miss(tmp_path):
+    rows = P.answer_pairs(2000, seed=0, levels=A.LEVELS)
+    check_pairs(rows)
+    assert Counter(r["pair_type"] for r in rows) == {"correct_vs_wrong": 2000}
+    assert set(Counter(r["level"] for r in rows)) == set(A.LEVELS)
+    held = {p.question for level in A.LEVELS for p in A.held_out(level)}
+    assert not {r["prompt"][0]["content"] for r in rows} & held
+    for row in P.answer_pairs(2000, seed=1):  # expressions only: the near misses can be checked by hand
+        assert text(row["chosen"]) == row["answer"] and gold(row, "chosen") == 1.0
+        wrong = text(row["rejected"])
+        assert re.fullmatch(r"\d+", wrong) and gold(row, "rejected") == 0.0
+        a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", row["prompt"][0]["content"]).groups()
+        key = A.fact_key("add" if op == "+" else "sub", int(a), int(b))
+        assert wrong in P._near_misses(A.Problem(row["level"], row["prompt"][0]["content"], row["answer"], key))
+    assert P.answer_pairs(200, seed=7) == P.answer_pairs(200, seed=7) != P.answer_pairs(200, seed=8)
+    path = P.write_answer_pairs(tmp_path, n_train=300, seed=2)
+    assert path == tmp_path / "answer_pairs.jsonl"
+    assert [json.loads(line) for line in path.read_text().splitlines()] == P.answer_pairs(300, seed=2)
+    assert len(load_rows(path, "preference")) == 300
+
+
 # --- feedback rows ---------------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ Data, all with chat-message fields (``prompt`` a user turn, completions assistan
   ``correct_vs_refusal``. ``length_bias`` plants a spurious length correlation, or
   (default) keeps length uninformative.
 - :func:`preference_eval_rows`: the same on the arithmetic held-out problems.
+- :func:`answer_pairs`: concise correct vs concise near miss only, for DPO from a model
+  that already answers with the bare number (:func:`write_answer_pairs` writes them).
 - :func:`feedback_rows`: unpaired, labelled completions for KTO.
 - :func:`audit_rows`: held-out probe sets for an RM audit (does it prefer short-and-right
   over long, see through politeness, refusals and fluent non-answers?).
@@ -332,6 +334,34 @@ def preference_eval_rows(
         problems = _cycle(held_out(level, n_per_level), n_per_level)
         rows += [_random_pair(rng, problem, p) for problem in problems]
     return rows
+
+
+def answer_pairs(n: int, *, seed: int = 0, levels: Sequence[str] = DEFAULT_LEVELS) -> list[dict]:
+    """``n`` training pairs shaped like :func:`preference_rows` for DPO from a model that
+    already answers with the bare number (the quickstart's SFT model): the concise correct
+    answer against a concise plausible wrong one (:func:`_near_misses`: off by 1 or 10,
+    digits swapped, a forgotten carry or borrow), all ``pair_type="correct_vs_wrong"``.
+
+    Such a model is already concise, so the only gold it can still gain is the right number;
+    and these pairs are in its own output format, unlike the padded and refusal completions
+    of :func:`preference_rows`, whose likelihoods under it are tiny. No held-out problem is
+    used. Each pair's chosen scores 1.0 and its rejected 0.0.
+    """
+    rng = random.Random(f"answer-pairs-{seed}")
+    rows = []
+    for _ in range(n):
+        problem = sample_train(rng, levels)
+        rows.append(_pair_row(problem, problem.answer, rng.choice(_near_misses(problem)), "correct_vs_wrong"))
+    return rows
+
+
+def write_answer_pairs(
+    out_dir: str | Path, *, n_train: int = 20_000, levels: Sequence[str] = DEFAULT_LEVELS, seed: int = 0
+) -> Path:
+    """Write :func:`answer_pairs` (``n_train`` rows) to ``out_dir/answer_pairs.jsonl``; returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(out_dir / "answer_pairs.jsonl", answer_pairs(n_train, seed=seed, levels=levels))
 
 
 # ---------------------------------------------------------------------------------------

@@ -206,7 +206,9 @@ def test_answer_pairs_are_concise_correct_vs_concise_near_miss(tmp_path):
         assert re.fullmatch(r"\d+", wrong) and gold(row, "rejected") == 0.0
         a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", row["prompt"][0]["content"]).groups()
         key = A.fact_key("add" if op == "+" else "sub", int(a), int(b))
-        assert wrong in P._near_misses(A.Problem(row["level"], row["prompt"][0]["content"], row["answer"], key))
+        assert wrong in P._near_misses(
+            A.Problem(row["level"], row["prompt"][0]["content"], row["answer"], key)
+        )
     assert P.answer_pairs(200, seed=7) == P.answer_pairs(200, seed=7) != P.answer_pairs(200, seed=8)
     path = P.write_answer_pairs(tmp_path, n_train=300, seed=2)
     assert path == tmp_path / "answer_pairs.jsonl"

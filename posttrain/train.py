@@ -269,7 +269,7 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], engine, tokenizer, reward
     import torch
 
     from posttrain.rollout.engine import Sampling
-    from posttrain.rollout.source import encode_prompts
+    from posttrain.rollout.source import encode_prompts, score_completions
 
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = rows[rank::world]
@@ -278,17 +278,14 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], engine, tokenizer, reward
 
     def evaluate(model) -> dict[str, float]:
         completions = [g[0] for g in engine.generate(ids, 1, greedy)]
-        fields = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
-        fields["completion_lengths"] = [len(c.token_ids) for c in completions]
-        fields["finish_reasons"] = [c.finish_reason for c in completions]
-        scores = reward.score(texts, [c.text for c in completions], **fields)
+        scores = score_completions(reward, texts, mine, completions)
         total = torch.tensor(scores.total, dtype=torch.float32)
         sums = torch.tensor(
             [
                 float(len(mine)),
                 float(total.sum()),
                 float((total >= cfg.rl.success_threshold).sum()),
-                float(sum(fields["completion_lengths"])),
+                float(sum(len(c.token_ids) for c in completions)),
             ],
             device=accelerator.device,
         )

@@ -52,6 +52,15 @@ def encode_prompts(tokenizer, rows: list[dict]) -> tuple[list[str], list[list[in
     return texts, ids
 
 
+def score_completions(reward, prompts: list[str], rows: list[dict], completions: list[Completion]):
+    """`reward.score` of completions, each with its prompt row's fields (answer, tests, ...) and the
+    completion's token count and finish reason as row fields."""
+    fields = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
+    fields["completion_lengths"] = [len(c.token_ids) for c in completions]
+    fields["finish_reasons"] = [c.finish_reason for c in completions]
+    return reward.score(prompts, [c.text for c in completions], **fields)
+
+
 class RolloutSource:
     """Generates rollouts and serves their optimiser steps to the loop.
 
@@ -253,19 +262,12 @@ class RolloutSource:
 
     def _score(self, index: list[int], groups: list[list[Completion]]):
         G = self.ro.group_size
-        prompts = [self.prompt_texts[i] for i in index for _ in range(G)]
-        completions = [c.text for g in groups for c in g]
-        fields: dict[str, list] = {}
-        for i in index:
-            for key, value in self.rows[i].items():
-                if key != "prompt":
-                    fields.setdefault(key, []).extend([value] * G)
         missing = {k for i in index for k in self.rows[0] if k not in self.rows[i]}
         if missing:
             raise TrainingError(f"prompt rows differ in their fields ({sorted(missing)} missing in some)")
-        fields["completion_lengths"] = [len(c.token_ids) for g in groups for c in g]
-        fields["finish_reasons"] = [c.finish_reason for g in groups for c in g]
-        return self.reward.score(prompts, completions, **fields)
+        prompts = [self.prompt_texts[i] for i in index for _ in range(G)]
+        rows = [self.rows[i] for i in index for _ in range(G)]
+        return score_completions(self.reward, prompts, rows, [c for g in groups for c in g])
 
     # ------------------------------------------------------------------ the rollout
 

@@ -113,6 +113,12 @@ class TrainConfig(Section):
         1.0, gt=0, description="Passes over the training data (ignored when max_steps is set)."
     )
     max_steps: int | None = Field(None, gt=0, description="Optimiser steps to run; overrides epochs.")
+    max_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="Training-time budget: end (evaluate, save) after the step that passes it. Time spent "
+        "in evaluation is not counted; a resumed run continues the same budget.",
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm; null to disable."
     )
@@ -281,6 +287,11 @@ class RLOptions(Section):
     )
     mask_truncated: bool = Field(False, description="Give completions cut at max_new_tokens no loss.")
     success_threshold: float = Field(1.0, description="Reward at or above which a sample counts as a pass.")
+    share_prompts: bool = Field(
+        True,
+        description="Training forward: run each distinct prompt once and let its samples attend to its cached "
+        "keys / values (same numbers, less work). false: one full forward per sample.",
+    )
     eval_rewards: list[str | dict] | None = Field(
         None,
         description="Reward fns of the held-out eval during training (data.eval, every train.eval_every "

@@ -3,6 +3,7 @@
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -141,3 +142,20 @@ def test_existing_checkpoints_need_resume(tmp_path):
     run_loop(tmp_path, save_every=4)
     with pytest.raises(TrainingError, match="--resume"):
         run_loop(tmp_path)
+
+
+class SlowSquares(Squares):
+    def loss(self, model, b):
+        time.sleep(0.05)
+        return super().loss(model, b)
+
+
+def test_max_seconds_ends_after_the_step_that_passes_the_budget(tmp_path):
+    res, _ = run_loop(
+        tmp_path, objective=SlowSquares(), max_steps=100, max_seconds=0.12, log_every=100, save_every=1
+    )
+    assert res.step == 3 and not res.interrupted  # 0.05 s a step: the third passes 0.12 s
+    assert [m["step"] for m in read_metrics(tmp_path)] == [3]  # the last step is logged
+    # a resumed run continues the same budget (0.15 s used), it does not start a new one
+    res, _ = run_loop(tmp_path, objective=SlowSquares(), resume=True, max_steps=100, max_seconds=0.25)
+    assert res.step == 5

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.eval.generation import generate_greedy
-from posttrain.rollout.buffer import RolloutBuffer
+from posttrain.rollout.buffer import RolloutBuffer, completion_forward
 from posttrain.rollout.engine import Completion, HFEngine, Sampling, _filter_top_k_top_p
 from posttrain.rollout.source import encode_prompts
 from posttrain.tasks import arithmetic
@@ -103,20 +103,92 @@ def test_buffer_layout_aligns_targets_and_per_token_values():
     completions = [
         Completion(token_ids=[7, 8, 2], logprobs=[-0.1, -0.2, -0.3], text="", finish_reason="stop"),
         Completion(token_ids=[9], logprobs=[-0.5], text="", finish_reason="length"),
+        Completion(token_ids=[6, 2], logprobs=[-0.6, -0.7], text="", finish_reason="stop"),
     ]
     buf = RolloutBuffer(
-        prompt_ids=[[1, 2], [1, 2, 3, 4]], completions=completions, rows=[{}, {}], group_size=1
+        prompt_ids=[[1, 2], [1, 2, 3, 4], [1, 2, 3, 4]], completions=completions, rows=[{}] * 3, group_size=1
     )
     lay = buf.layout(pad_id=0)
-    assert lay["input_ids"].tolist() == [[1, 2, 7, 8, 2], [1, 2, 3, 4, 9]]
-    assert lay["targets"].tolist() == [[-100, 7, 8, 2, -100], [-100, -100, -100, 9, -100]]
-    assert lay["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
+    # prompts left-padded to 4 columns, completions from column 4, right-padded to 3
+    assert lay["input_ids"].tolist() == [[0, 0, 1, 2, 7, 8, 2], [1, 2, 3, 4, 9, 0, 0], [1, 2, 3, 4, 6, 2, 0]]
+    assert lay["attention_mask"].tolist() == [
+        [0, 0, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 0],
+    ]
+    assert lay["position_ids"][0].tolist()[2:] == [0, 1, 2, 3, 4]
+    assert lay["targets"].tolist() == [[7, 8, 2], [9, -100, -100], [6, 2, -100]]
+    # samples 1 and 2 share their prompt: it is run once
+    assert lay["prefix_rows"].tolist() == [0, 1] and lay["prefix_index"].tolist() == [0, 1, 1]
     lp = buf.per_token([c.logprobs for c in completions])
-    # each value sits at the position whose target is its token
-    assert lp[0].tolist() == pytest.approx([0, -0.1, -0.2, -0.3, 0])
-    assert lp[1].tolist() == pytest.approx([0, 0, 0, -0.5, 0])
+    assert torch.allclose(lp, torch.tensor([[-0.1, -0.2, -0.3], [-0.5, 0, 0], [-0.6, -0.7, 0]]))
     buf.token["old_logps"] = lp
-    sub = buf.batch([1], pad_id=0)  # a selection is trimmed to its own width
-    assert sub["input_ids"].tolist() == [[1, 2, 3, 4, 9]] and sub["old_logps"].shape == (1, 5)
+    sub = buf.batch([1], pad_id=0)  # a selection is trimmed to its own widths
+    assert sub["input_ids"].tolist() == [[1, 2, 3, 4, 9]] and sub["old_logps"].shape == (1, 1)
     sub = buf.select([0])
-    assert sub.width == 5 and sub.completions[0].token_ids == [7, 8, 2]
+    assert sub.width == 3 and sub.completions[0].token_ids == [7, 8, 2]
+
+
+def _buffer_from(engine, ids, n, sampling):
+    groups = engine.generate(ids, n, sampling)
+    return RolloutBuffer(
+        prompt_ids=[p for p in ids for _ in range(n)],
+        completions=[c for g in groups for c in g],
+        rows=[{}] * (len(ids) * n),
+        group_size=n,
+    )
+
+
+def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny, prompts):
+    # Each distinct prompt runs once and its samples attend to its cached keys / values: the logits,
+    # the last hidden states and the gradients must be those of one full forward per sample.
+    model, tok = tiny
+    _, ids = prompts
+    engine = HFEngine(model, tok)
+    engine.eos = sorted(set(engine.eos) | set(range(10, 60)))  # ragged completion lengths
+    torch.manual_seed(3)
+    buf = _buffer_from(engine, ids[:6], 4, Sampling(max_new_tokens=6))
+    index = list(range(2, 22))  # partial groups at both ends
+    batch = buf.batch(index, pad_id=tok.pad_token_id)
+    assert len(batch["prefix_rows"]) == 6 and batch["targets"].shape[1] > 1
+    weights = torch.randn(*batch["targets"].shape, model.config.vocab_size)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logits, hidden = completion_forward(model, batch, share_prompts=share, hidden=True)
+        ((logits * weights).sum() + hidden.sum()).backward()
+        results.append((logits.detach(), hidden.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full_l, full_h, full_g), (shared_l, shared_h, shared_g) = results
+    mask = batch["targets"] != -100
+    assert torch.allclose(full_l[mask], shared_l[mask], atol=1e-5)
+    assert torch.allclose(full_h[mask], shared_h[mask], atol=1e-5)
+    for a, b in zip(full_g, shared_g):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    # and the logits predict the completion tokens: compare with a forward over prompt + completion
+    i = 0
+    row = buf.prompt_ids[index[i]] + buf.completions[index[i]].token_ids
+    with torch.no_grad():
+        alone = model(torch.tensor([row])).logits[0, len(buf.prompt_ids[index[i]]) - 1 : -1]
+    n = len(buf.completions[index[i]].token_ids)
+    assert torch.allclose(alone, shared_l[0, :n], atol=1e-5)
+
+
+def test_finished_rows_leave_the_batch_without_changing_the_samples(tiny, prompts):
+    # Many "eos" tokens: rows finish at different steps and drop out of the batch and the cache; the
+    # log-probs of what remains must still be the policy's, and groups come back in prompt order.
+    model, tok = tiny
+    _, ids = prompts
+    engine = HFEngine(model, tok, batch_size=8)  # 2 prompts x 4 samples per generation batch
+    engine.eos = sorted(set(engine.eos) | set(range(10, 60)))
+    torch.manual_seed(4)
+    groups = engine.generate(ids, 4, Sampling(max_new_tokens=6))
+    lengths = {len(c.token_ids) for g in groups for c in g}
+    assert len(lengths) > 2  # the rows did finish at different steps
+    for prompt, group in zip(ids, groups):
+        for c in group:
+            full = torch.tensor([prompt + c.token_ids])
+            with torch.no_grad():
+                logits = model(full).logits[0, len(prompt) - 1 : -1].float()
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+            assert (c.finish_reason == "stop") == (c.token_ids[-1] in engine.eos)

@@ -26,18 +26,14 @@ from posttrain.advantages import (
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum
+from posttrain.rollout.buffer import completion_forward
 
 KIND = "prompt"  # the row schema online algorithms read
 
 
-def forward(model, batch: dict, temperature: float):
-    """(logits / temperature [B, L, V], None): the sampling distribution of every position."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).logits
+def forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
+    """(logits / temperature [N, C, V] of each completion token, None): the sampling distribution."""
+    logits, _ = completion_forward(model, batch, share_prompts=share_prompts)
     return (logits / temperature if temperature != 1.0 else logits), None
 
 
@@ -62,7 +58,7 @@ def annotate(source, model, buffer) -> None:
 
 
 def completion_mask(buffer) -> torch.Tensor:
-    return buffer.layout(0)["targets"] != IGNORE_INDEX
+    return buffer.completion_mask()
 
 
 def advantages(source, buffer) -> None:
@@ -112,7 +108,7 @@ class Objective:
         return loss_units(self.mask(batch), self.rl.aggregation)
 
     def loss(self, model, batch: dict):
-        logits, _ = forward(model, batch, self.cfg.rollout.temperature)
+        logits, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts)
         mask = self.mask(batch)
         logps = token_logprobs(logits, batch["targets"])
         adv = batch["advantages"]

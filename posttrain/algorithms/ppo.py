@@ -27,6 +27,7 @@ from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum, value_loss_sum
 from posttrain.models import load_model as load_causal_lm
 from posttrain.models import save_final as save_causal_lm
+from posttrain.rollout.buffer import completion_forward
 
 
 class PolicyWithValue(nn.Module):
@@ -42,16 +43,21 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        out = self.policy(**kwargs, use_cache=False, output_hidden_states=self.critic is None)
+    def forward(self, batch: dict, share_prompts: bool = True):
+        """Logits [N, C, V] and values [N, C] at the positions that predict each completion token (the
+        rollout layout): V(s_t) sits where the policy acts."""
+        logits, hidden = completion_forward(
+            self.policy, batch, share_prompts=share_prompts, hidden=self.critic is None
+        )
         if self.critic is None:
-            hidden = out.hidden_states[-1]
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
-            hidden = self.critic.backbone(**kwargs, use_cache=False).last_hidden_state
+            C = batch["targets"].shape[1]
+            P = batch["input_ids"].shape[1] - C
+            kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            hidden = self.critic.backbone(**kwargs, use_cache=False).last_hidden_state[:, P - 1 : P - 1 + C]
             values = self.critic.head(hidden).squeeze(-1)
-        return out.logits, values
+        return logits, values
 
 
 def load_model(cfg) -> PolicyWithValue:
@@ -83,16 +89,14 @@ def save_final(model: PolicyWithValue, tokenizer, out) -> None:
         model.critic.save_pretrained(f"{out}/critic")
 
 
-def forward(model, batch: dict, temperature: float):
-    logits, values = model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+def forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
+    logits, values = model(batch, share_prompts)
     return (logits / temperature if temperature != 1.0 else logits), values
 
 
 def annotate(source, model, buffer) -> None:
     """Old log-probs (sampling), values at rollout time, reference log-probs for the KL penalty."""
     buffer.token["old_logps"] = old_logps(source, model, buffer)
-    # V(s_t) must sit where the policy acts: position t predicts completion token t+1, so the value
-    # of the state before each completion token is at the same position as its log-prob.
     buffer.token["old_values"] = source.forward_logps(model, buffer, values=True)["values"]
     if source.reference is not None:
         buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
@@ -137,7 +141,9 @@ class Objective:
         return loss_units(self.mask(batch), "token_mean")
 
     def loss(self, model, batch: dict):
-        logits, values = forward(model, batch, self.cfg.rollout.temperature)
+        logits, values = forward(
+            model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts
+        )
         mask = self.mask(batch)
         logps = token_logprobs(logits, batch["targets"])
         loss, _, metrics = policy_loss_sum(

@@ -58,6 +58,7 @@ class LoopState:
         self.batch_in_epoch = 0  # next global batch of the epoch's plan
         self.tokens = 0
         self.nonfinite_streak = 0
+        self.train_seconds = 0.0  # training time so far, evaluation excluded (for train.max_seconds)
 
     def state_dict(self) -> dict:
         return dict(vars(self))

@@ -365,10 +365,13 @@ def train_loop(
             if hasattr(source, "after_step"):
                 source.after_step(state, model)
             dt = time.perf_counter() - t0
+            state.train_seconds += dt
+            out_of_time = cfg.max_seconds is not None and state.train_seconds >= cfg.max_seconds
+            final_step = state.step == total or out_of_time
             bar.update(1)
 
             observed: dict[str, float] = {}
-            if state.step % cfg.log_every == 0 or state.step == total or nonfinite:
+            if state.step % cfg.log_every == 0 or final_step or nonfinite:
                 metrics = {
                     "loss": loss_value,
                     **{k: stats[3 + j].item() / weight for j, k in enumerate(keys)},
@@ -387,11 +390,7 @@ def train_loop(
                 observed.update(metrics)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
 
-            if (
-                evaluator is not None
-                and cfg.eval_every
-                and (state.step % cfg.eval_every == 0 or state.step == total)
-            ):
+            if evaluator is not None and cfg.eval_every and (state.step % cfg.eval_every == 0 or final_step):
                 result.eval_metrics = evaluator(model)
                 run.log(state.step, result.eval_metrics)
                 observed.update(result.eval_metrics)
@@ -428,6 +427,9 @@ def train_loop(
                 break
             if action == "stop":
                 accelerator.print(f"\n{result.interrupted}: stopped at step {state.step}; checkpoint saved.")
+                break
+            if out_of_time:
+                accelerator.print(f"\ntrain.max_seconds ({cfg.max_seconds:g}) used at step {state.step}")
                 break
     bar.close()
     run.close()

@@ -5,13 +5,17 @@ what group advantages (GRPO, RLOO) rely on. Per-token quantities (sampling log-p
 values, advantages) are kept as [N, L] tensors aligned with the padded training layout built by `batch`,
 so that a minibatch is a row selection, never a re-alignment.
 
-Training layout of one sample (right-padded to the longest in the micro-batch):
+Training layout of a micro-batch: prompts left-padded to the longest prompt (P columns), completions
+right-padded to the longest completion (C columns), so that every completion starts in column P:
 
-    input_ids  p0 p1 p2 c0 c1 c2 pad
-    targets    -  -  c0 c1 c2 -   -      targets[t] = input_ids[t + 1] on completion tokens, else -100
+    input_ids   pad p0 p1 p2 | c0 c1 c2 pad        [N, P + C]
+    targets                  | c0 c1 c2 -100       [N, C]: the completion tokens, -100 on padding
 
-so `token_logprobs(logits, targets)` gives each completion token's log-prob at the position that
-predicts it, and every per-token tensor here uses the same positions.
+Per-token quantities are [N, C]: column t belongs to completion token t. The logits that predict token t
+sit at input column P - 1 + t; `completion_forward` returns exactly those [N, C] logits. When several
+samples share a prompt (a GRPO group), it runs each distinct prompt once and lets its samples attend to
+the prompt's cached keys and values: the same numbers for roughly (prompt + completion) / completion
+times less work when prompts are long or groups large.
 """
 
 from __future__ import annotations
@@ -43,37 +47,52 @@ class RolloutBuffer:
 
     @property
     def width(self) -> int:
-        return max(len(p) + len(c.token_ids) for p, c in zip(self.prompt_ids, self.completions))
+        """C: the longest completion (the width of per-token tensors)."""
+        return max((len(c.token_ids) for c in self.completions), default=0)
 
     def completion_lengths(self) -> list[int]:
         return [len(c.token_ids) for c in self.completions]
 
     def layout(self, pad_id: int) -> dict[str, Tensor]:
-        """input_ids, targets, attention_mask, position_ids [N, L] of all samples (right-padded)."""
-        N, L = len(self), self.width
-        input_ids = torch.full((N, L), pad_id, dtype=torch.long)
-        targets = torch.full((N, L), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((N, L), dtype=torch.long)
+        """The training layout (module docstring): input_ids, attention_mask, position_ids [N, P + C],
+        targets [N, C]; prefix_rows [U] (the first sample of each distinct prompt, in order of first
+        appearance among consecutive samples) and prefix_index [N] (each sample's prompt among those)."""
+        N, C = len(self), self.width
+        P = max(len(p) for p in self.prompt_ids)
+        input_ids = torch.full((N, P + C), pad_id, dtype=torch.long)
+        targets = torch.full((N, C), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((N, P + C), dtype=torch.long)
+        prefix_rows, prefix_index = [], []
         for i, (p, c) in enumerate(zip(self.prompt_ids, self.completions)):
-            seq = p + c.token_ids
-            input_ids[i, : len(seq)] = torch.tensor(seq)
-            attention[i, : len(seq)] = 1
+            input_ids[i, P - len(p) : P] = torch.tensor(p)
+            attention[i, P - len(p) : P + len(c.token_ids)] = 1
             if c.token_ids:
-                targets[i, len(p) - 1 : len(seq) - 1] = torch.tensor(c.token_ids)
+                input_ids[i, P : P + len(c.token_ids)] = torch.tensor(c.token_ids)
+                targets[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
+            if not prefix_rows or p != self.prompt_ids[prefix_rows[-1]]:
+                prefix_rows.append(i)
+            prefix_index.append(len(prefix_rows) - 1)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         return {
             "input_ids": input_ids,
             "targets": targets,
             "attention_mask": attention,
             "position_ids": position_ids,
+            "prefix_rows": torch.tensor(prefix_rows),
+            "prefix_index": torch.tensor(prefix_index),
         }
 
+    def completion_mask(self) -> Tensor:
+        """[N, C] bool: True on each sample's completion tokens."""
+        lengths = torch.tensor(self.completion_lengths())
+        return torch.arange(self.width)[None, :] < lengths[:, None]
+
     def per_token(self, values: list[list[float]]) -> Tensor:
-        """Per-completion-token values (e.g. sampling log-probs) placed in the [N, L] training layout."""
+        """Per-completion-token values (e.g. sampling log-probs) as an [N, C] tensor."""
         out = torch.zeros((len(self), self.width), dtype=torch.float32)
-        for i, (p, v) in enumerate(zip(self.prompt_ids, values)):
+        for i, v in enumerate(values):
             if v:
-                out[i, len(p) - 1 : len(p) - 1 + len(v)] = torch.tensor(v, dtype=torch.float32)
+                out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
         return out
 
     def select(self, index: list[int]) -> RolloutBuffer:
@@ -93,7 +112,7 @@ class RolloutBuffer:
 
     def batch(self, index: list[int], pad_id: int) -> dict[str, Tensor]:
         """One micro-batch: the training layout and every per-token / per-sample tensor, trimmed to the
-        longest sequence among `index`."""
+        longest prompt and completion among `index`."""
         sub = self.select(index)
         return {**sub.layout(pad_id), **sub.token, **sub.sequence}
 
@@ -117,3 +136,71 @@ class RolloutBuffer:
                     **{k: v[i] for k, v in extra.items()},
                 }
                 f.write(json.dumps(record) + "\n")
+
+
+def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden: bool = False):
+    """Logits [N, C, V] predicting each completion token of `batch` (the layout above), and with
+    `hidden` the last hidden states [N, C, H] at the same positions (else None).
+
+    With `share_prompts` and fewer distinct prompts than samples, each prompt is run once
+    (`prefix_rows`), its key / value cache gathered to its samples (`prefix_index`), and the
+    completions run on top: gradients reach the prompt positions through the cache, summed over the
+    samples that share them, exactly as in the full forward.
+    """
+    input_ids, mask, positions = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+    C = batch["targets"].shape[1]
+    P = input_ids.shape[1] - C
+    rows, index = batch.get("prefix_rows"), batch.get("prefix_index")
+    shared = (
+        share_prompts
+        and rows is not None
+        and len(rows) < len(input_ids)
+        and C > 0
+        and not _checkpointing(model)  # HF drops the cache under activation checkpointing
+    )
+    if not shared:
+        out = _run(
+            model, C + 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+            use_cache=False, output_hidden_states=hidden,
+        )  # fmt: skip
+        last = out.hidden_states[-1][:, P - 1 : P - 1 + C] if hidden else None
+        return out.logits[:, -(C + 1) : -1], last
+    head = _run(
+        model, 1, input_ids=input_ids[rows, :P], attention_mask=mask[rows, :P],
+        position_ids=positions[rows, :P], use_cache=True, output_hidden_states=hidden,
+    )  # fmt: skip
+    cache = head.past_key_values
+    cache.batch_select_indices(index)
+    first = head.logits[index, -1:]  # [N, 1, V]: predicts completion token 0
+    if C == 1:
+        return first, head.hidden_states[-1][index, P - 1 :] if hidden else None
+    tail = model(
+        input_ids=input_ids[:, P : P + C - 1], attention_mask=mask[:, : P + C - 1],
+        position_ids=positions[:, P : P + C - 1], past_key_values=cache, use_cache=True,
+        output_hidden_states=hidden,
+    )  # fmt: skip
+    logits = torch.cat([first, tail.logits], 1)
+    if not hidden:
+        return logits, None
+    return logits, torch.cat([head.hidden_states[-1][index, P - 1 :], tail.hidden_states[-1]], 1)
+
+
+def _run(model, keep: int, **inputs):
+    """`model(**inputs)` with logits for the last `keep` positions only where the model supports it
+    (nearly all HF causal LMs): a prompt's logits would otherwise cost [rows, prompt, vocab] memory."""
+    try:
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        out = model(**inputs)
+        out.logits = out.logits[:, -keep:]
+        return out
+
+
+def _checkpointing(model) -> bool:
+    net = getattr(model, "module", model)  # a DDP wrapper hides the flag
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name, then old
+        if hasattr(type(net), flag) or hasattr(net, flag):
+            return bool(getattr(net, flag))
+    return False

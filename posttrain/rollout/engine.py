@@ -106,6 +106,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.policy_version = 0
+        self._compact = True  # drop finished rows from the batch (off if the model's cache cannot)
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
@@ -127,72 +128,99 @@ class HFEngine:
             return []
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("an empty prompt cannot be continued (give it at least a bos token)")
-        flat = [p for p in prompt_ids for _ in range(n)]
-        step = self.batch_size or len(flat)
+        # Each prompt is prefilled once and its keys / values shared by its n samples.
+        per_batch = max(1, (self.batch_size or len(prompt_ids) * n) // n)
         # Sort by length so that each batch wastes little on padding; restore the order after.
-        order = sorted(range(len(flat)), key=lambda i: len(flat[i]))
-        done: list[Completion | None] = [None] * len(flat)
+        order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+        done: list[list[Completion] | None] = [None] * len(prompt_ids)
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(device=self._device).manual_seed(sampling.seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), step):
-                batch = order[start : start + step]
-                for i, completion in zip(batch, self._sample([flat[i] for i in batch], sampling, generator)):
-                    done[i] = completion
+            for start in range(0, len(order), per_batch):
+                batch = order[start : start + per_batch]
+                samples = self._sample([prompt_ids[i] for i in batch], n, sampling, generator)
+                for j, i in enumerate(batch):
+                    done[i] = samples[j * n : (j + 1) * n]
         finally:
             self.model.train(was_training)
-        return [done[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        return done
 
     @property
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _sample(self, prompts: list[list[int]], sampling: Sampling, generator) -> list[Completion]:
-        device, B = self._device, len(prompts)
+    def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling, generator) -> list[Completion]:
+        """n completions of each prompt, in prompt order. Finished rows leave the batch (and the cache) at
+        once, so a step costs what the rows still running cost."""
+        device, P = self._device, len(prompts)
         width = max(len(p) for p in prompts)
-        ids_BL = torch.full((B, width), self.pad_id, dtype=torch.long)
-        mask_BL = torch.zeros((B, width), dtype=torch.long)
+        ids_PL = torch.full((P, width), self.pad_id, dtype=torch.long)
+        mask_PL = torch.zeros((P, width), dtype=torch.long)
         for b, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
-            ids_BL[b, width - len(p) :] = torch.tensor(p)
-            mask_BL[b, width - len(p) :] = 1
-        ids_BL, mask_BL = ids_BL.to(device), mask_BL.to(device)
-        pos_BL = (mask_BL.cumsum(-1) - 1).clamp(min=0)
+            ids_PL[b, width - len(p) :] = torch.tensor(p)
+            mask_PL[b, width - len(p) :] = 1
+        ids_PL, mask_PL = ids_PL.to(device), mask_PL.to(device)
+        pos_PL = (mask_PL.cumsum(-1) - 1).clamp(min=0)
         eos = torch.tensor(self.eos, device=device)
 
-        out = self.model(input_ids=ids_BL, attention_mask=mask_BL, position_ids=pos_BL, use_cache=True)
-        cache, logits_BV = out.past_key_values, out.logits[:, -1]
-        next_pos_B1 = pos_BL[:, -1:] + 1
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        tokens, logps = [], []
+        out = self.model(input_ids=ids_PL, attention_mask=mask_PL, position_ids=pos_PL, use_cache=True)
+        cache, logits_BV, mask_BL = out.past_key_values, out.logits[:, -1], mask_PL
+        if n > 1:
+            try:
+                cache.batch_repeat_interleave(n)
+            except (AttributeError, NotImplementedError):  # a cache that cannot be shared: prefill n times
+                return self._sample([p for p in prompts for _ in range(n)], 1, sampling, generator)
+            logits_BV, mask_BL = logits_BV.repeat_interleave(n, 0), mask_PL.repeat_interleave(n, 0)
+        B = P * n
+        next_pos_B1 = mask_BL.sum(-1, keepdim=True)
+        rows_A = torch.arange(B, device=device)  # the rows in the batch (A of them)
+        done_A = torch.zeros(B, dtype=torch.bool, device=device)  # finished but kept (no compaction)
+        tokens_BT = torch.full((B, sampling.max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logps_BT = torch.zeros((B, sampling.max_new_tokens), device=device)
         stopped_by_string = [False] * B
         texts = [""] * B
+        steps = 0
         for t in range(sampling.max_new_tokens):
-            logits_BV = logits_BV.float()
+            logits_AV = logits_BV.float()
             if sampling.greedy:
-                token_B = logits_BV.argmax(-1)
-                logp_B = torch.log_softmax(logits_BV, -1).gather(1, token_B[:, None]).squeeze(1)
+                token_A = logits_AV.argmax(-1)
+                logp_A = torch.log_softmax(logits_AV, -1).gather(1, token_A[:, None]).squeeze(1)
             else:
-                scaled_BV = logits_BV / sampling.temperature
-                logp_all_BV = torch.log_softmax(scaled_BV, -1)
-                kept_BV = _filter_top_k_top_p(scaled_BV, sampling.top_k, sampling.top_p)
-                probs_BV = torch.softmax(kept_BV, -1)
-                token_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
-                logp_B = logp_all_BV.gather(1, token_B[:, None]).squeeze(1)
-            token_B = torch.where(finished, torch.full_like(token_B, self.pad_id), token_B)
-            tokens.append(token_B)
-            logps.append(logp_B)
+                scaled_AV = logits_AV / sampling.temperature
+                logp_all_AV = torch.log_softmax(scaled_AV, -1)
+                kept_AV = _filter_top_k_top_p(scaled_AV, sampling.top_k, sampling.top_p)
+                token_A = torch.multinomial(torch.softmax(kept_AV, -1), 1, generator=generator).squeeze(1)
+                logp_A = logp_all_AV.gather(1, token_A[:, None]).squeeze(1)
+            token_A = torch.where(done_A, self.pad_id, token_A)
+            tokens_BT[rows_A, t] = token_A
+            logps_BT[rows_A, t] = logp_A
+            steps = t + 1
+            finished_A = done_A | torch.isin(token_A, eos)
             if sampling.stop:
-                self._check_stop(token_B, finished, sampling.stop, stopped_by_string, texts)
-            finished = finished | torch.isin(token_B, eos)
-            finished = finished | torch.tensor(stopped_by_string, device=device)
-            if bool(finished.all()) or t == sampling.max_new_tokens - 1:
+                running = ~done_A
+                hits = self._check_stop(
+                    token_A[running], rows_A[running], sampling.stop, stopped_by_string, texts
+                )
+                finished_A[running] |= hits
+            if bool(finished_A.all()) or steps == sampling.max_new_tokens:
                 break
-            mask_BL = torch.cat([mask_BL, torch.ones((B, 1), dtype=mask_BL.dtype, device=device)], 1)
+            if bool(finished_A.any()) and self._compact:
+                keep_A = (~finished_A).nonzero().squeeze(1)
+                try:
+                    cache.batch_select_indices(keep_A)
+                except (AttributeError, NotImplementedError):  # keep finished rows in the batch instead
+                    self._compact = False
+                else:
+                    rows_A, token_A = rows_A[keep_A], token_A[keep_A]
+                    mask_BL, next_pos_B1 = mask_BL[keep_A], next_pos_B1[keep_A]
+                    finished_A = finished_A[keep_A]
+            done_A = finished_A
+            mask_BL = torch.cat([mask_BL, torch.ones_like(mask_BL[:, :1])], 1)
             out = self.model(
-                input_ids=token_B[:, None],
+                input_ids=token_A[:, None],
                 attention_mask=mask_BL,
                 position_ids=next_pos_B1,
                 past_key_values=cache,
@@ -201,12 +229,12 @@ class HFEngine:
             cache, logits_BV = out.past_key_values, out.logits[:, -1]
             next_pos_B1 = next_pos_B1 + 1
 
-        tokens_BT = torch.stack(tokens, 1).tolist()
-        logps_BT = torch.stack(logps, 1).tolist()
+        tokens = tokens_BT[:, :steps].tolist()
+        logps = logps_BT[:, :steps].tolist()
         eos_set = set(self.eos)
         result = []
         for b in range(B):
-            row, stop_reason, keep = tokens_BT[b], "length", len(tokens_BT[b])
+            row, stop_reason, keep = tokens[b], "length", len(tokens[b])
             for j, tok in enumerate(row):
                 if tok in eos_set:
                     keep, stop_reason = j + 1, "stop"
@@ -221,7 +249,7 @@ class HFEngine:
             result.append(
                 Completion(
                     token_ids=ids,
-                    logprobs=logps_BT[b][:keep],
+                    logprobs=logps[b][:keep],
                     text=text,
                     finish_reason=stop_reason,
                     policy_version=self.policy_version,
@@ -229,12 +257,14 @@ class HFEngine:
             )
         return result
 
-    def _check_stop(self, token_B, finished, stop, stopped: list[bool], texts: list[str]) -> None:
-        """Mark the rows still running whose text now contains a stop string."""
-        for b, tok in enumerate(token_B.tolist()):
-            if not finished[b]:
-                texts[b] += self.tokenizer.decode([tok], skip_special_tokens=False)
-                stopped[b] = any(s in texts[b] for s in stop)
+    def _check_stop(self, token_A, rows_A, stop, stopped: list[bool], texts: list[str]) -> Tensor:
+        """Extend the running rows' texts by their new tokens; True where a stop string now appears."""
+        hits = []
+        for b, tok in zip(rows_A.tolist(), token_A.tolist()):
+            texts[b] += self.tokenizer.decode([tok], skip_special_tokens=False)
+            stopped[b] = any(s in texts[b] for s in stop)
+            hits.append(stopped[b])
+        return torch.tensor(hits, dtype=torch.bool, device=token_A.device)
 
     def _stop_length(self, row: list[int], stop: tuple[str, ...]) -> int:
         """Tokens up to and including the one that completes the first stop string."""

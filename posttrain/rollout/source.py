@@ -30,10 +30,10 @@ import torch
 
 from posttrain.advantages import AdaptiveKLController, FixedKLController
 from posttrain.engine.loop import Step
-from posttrain.errors import TrainingError
+from posttrain.errors import ConfigError, TrainingError
 from posttrain.eval.generation import render_prompts
 from posttrain.rollout.buffer import RolloutBuffer
-from posttrain.rollout.engine import Completion, Sampling
+from posttrain.rollout.engine import Completion, HFEngine, Sampling
 
 
 @dataclass
@@ -85,6 +85,12 @@ class RolloutSource:
         self.reward, self.algo, self.accelerator = reward, algo, accelerator
         self.reference, self.samples_path = reference, samples_path
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self._weights_stale = False
+        if self.ro.max_policy_lag > 0 and not isinstance(engine, HFEngine):
+            raise ConfigError(
+                "rollout.max_policy_lag > 0 (asynchronous generation) needs the HF engine (rollout.engine: hf); "
+                "the vLLM engine generates synchronously"
+            )
         if self.ro.prompts_per_step % self.world:
             raise TrainingError(
                 f"rollout.prompts_per_step ({self.ro.prompts_per_step}) must be a multiple of the number of "
@@ -148,6 +154,9 @@ class RolloutSource:
             Step(micro=s["micro"], tokens=s["tokens"], metrics=s["metrics"]) for s in state["pending"]
         ]
         self.engine.policy_version = self.rollouts
+        self._weights_stale = (
+            True  # loaded weights (resume, rollback): an engine with its own copy needs them
+        )
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -275,6 +284,9 @@ class RolloutSource:
         """The next rollout's optimiser steps; `step` is the first of them (samples.jsonl's step)."""
         net = self.accelerator.unwrap_model(model)
         t0 = time.perf_counter()
+        if self._weights_stale and self._producer is None:
+            self.engine.load_weights(self.policy(net), self.rollouts)
+        self._weights_stale = False
         if self.ro.max_policy_lag > 0:
             if self._producer is None:
                 self._producer = _Producer(self, self.policy(net))
@@ -313,7 +325,8 @@ class RolloutSource:
                 )
             size = math.ceil(N / self.rl.minibatches)
             for m in range(self.rl.minibatches):
-                mini = sorted(order[m * size : (m + 1) * size], key=lambda i: lengths[i])  # less padding
+                # by prompt length (less padding), samples of one prompt kept together (shared prompts)
+                mini = sorted(order[m * size : (m + 1) * size], key=lambda i: (len(buffer.prompt_ids[i]), i))
                 batches = [buffer.batch(mini[j : j + micro], self.pad_id) for j in range(0, len(mini), micro)]
                 steps.append(Step(micro=batches, tokens=sum(lengths[i] for i in mini), metrics=metrics))
         return steps
@@ -321,7 +334,7 @@ class RolloutSource:
     @torch.no_grad()
     def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
         """Per-token log-probs (and values, when the model has a value head) of every sample under
-        `model`, in micro-batches, without gradients, in the buffer's [N, L] layout."""
+        `model`, in micro-batches, without gradients, as [N, C] per-token tensors."""
         from posttrain.algorithms.grpo import forward as plain_forward
         from posttrain.logprobs import token_logprobs
 
@@ -338,7 +351,9 @@ class RolloutSource:
             batch = {k: v.to(device) for k, v in buffer.select(index).layout(self.pad_id).items()}
             forward = self.algo.forward if values else plain_forward  # a reference model is a plain LM
             with self.accelerator.autocast():
-                logits, value = forward(model, batch, self.ro.temperature)
+                logits, value = forward(
+                    model, batch, self.ro.temperature, share_prompts=self.rl.share_prompts
+                )
             w = batch["targets"].shape[1]
             out["logps"][j : j + len(index), :w] = token_logprobs(logits, batch["targets"]).cpu()
             if values:
@@ -389,7 +404,7 @@ class RolloutSource:
             out[f"reward/{k}/mean"] = sums[8 + j].item() / n
         if "ref_logps" in buffer.token:
             # per sample: the summed k1 log-ratio of its tokens, sampling policy vs reference
-            mask = buffer.layout(self.pad_id)["targets"] != -100
+            mask = buffer.completion_mask()
             kl = ((buffer.token["old_logps"] - buffer.token["ref_logps"]) * mask).sum(1)
             out["kl"] = self.accelerator.reduce(kl.sum().to(self.accelerator.device), "sum").item() / n
         return out
@@ -403,7 +418,6 @@ class _Producer:
     on."""
 
     def __init__(self, source: RolloutSource, model):
-        from posttrain.rollout.engine import HFEngine
 
         self.source = source
         engine = source.engine

@@ -66,8 +66,9 @@ Metrics, defined identically for both:
                   ``model.generate``, 8 new tokens), on the live model at the end of the step where the
                   training clock passed each mark. before = START.
     budget        training time: from the beginning of step 1 to the end of the step that passes
-                  ``--budget`` seconds, evaluations excluded. posttrain has no wall-clock limit of its
-                  own, so the benchmark stops it from outside, at the same point as TRL's callback: after
+                  ``--budget`` seconds, evaluations excluded. The evaluations run inside posttrain's
+                  after-step hook, which its ``train.max_seconds`` would count as training time, so the
+                  benchmark stops it from outside, at the same point as TRL's callback: after
                   the optimiser step, from ``RolloutSource.after_step`` (the loop's hook after every
                   update), by raising an exception once the budget is used; the last step is therefore
                   not in its metrics.jsonl.

@@ -218,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser(
         "quickstart",
-        help="the demo: tiny model, pretraining, SFT, held-out accuracy before and after",
+        help="the demo: tiny model through pretraining, SFT, reward model, DPO and GRPO",
         description="Build a tiny tokenizer and Llama-style model, pretrain it on the bundled arithmetic corpus, "
-        "fine-tune it (SFT) and print held-out exact-match accuracy before and after. CPU, a few minutes.",
+        "fine-tune it (SFT), train a reward model and DPO on gold-scored preference pairs, run GRPO against "
+        "the exact-match reward, and print held-out results of every stage; writes report.html and a model "
+        "card. CPU, a few minutes.",
     )
     q.add_argument(
         "--out", default="runs/quickstart", help="directory for all runs and data (default: %(default)s)"

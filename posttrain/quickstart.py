@@ -8,7 +8,8 @@ Stages, each its own run directory under OUT (a finished stage is reused unless 
     sft/     supervised fine-tuning of the base model on chat rows, loss on the answers only
     reward/  a Bradley-Terry reward model on the bundled gold-scored preference pairs
     dpo/     DPO from the SFT model on the same pairs
-    grpo/    GRPO from the SFT model against the exact-match reward, held-out pass@1 every 25 steps
+    grpo/    GRPO from the SFT model on 2-digit problems against the exact-match reward, held-out
+             pass@1 every 100 steps
 
 and a table: held-out exact match per level before and after SFT, the reward model's held-out
 pair accuracy, and DPO against SFT by the gold score of their greedy answers.
@@ -30,6 +31,9 @@ from posttrain.train import train
 
 # The demo task: three levels a 1M-parameter model can learn in minutes on 2 CPU cores.
 LEVELS = ("add1", "add2", "sub2")
+# GRPO's prompts: the levels SFT leaves unsolved (add1, 100 problems, it already knows: those groups
+# would all score 1 and teach nothing).
+RL_LEVELS = ("add2", "sub2")
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,7 @@ class Budget:
     sft_steps: int = 500
     reward_steps: int = 150
     dpo_steps: int = 200
-    grpo_steps: int = 100
+    grpo_steps: int = 400
     eval_per_level: int = 200
     rows: int = 20_000  # rows per generated training file
 
@@ -96,19 +100,20 @@ def dpo_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
 
 
 def grpo_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    # A low lr: after SFT these tiny models sit in a sharp minimum, and Adam's first, sign-like steps at
-    # the lr of the reference GRPO script (5e-4) halve held-out accuracy within a few steps. At 3e-5 the
-    # gain comes in the first 50-100 steps; longer runs drift back down (see the issue notes).
+    # A low lr and a KL anchor: after SFT these tiny models sit in a sharp minimum, and Adam's first,
+    # sign-like steps at the lr of the reference GRPO script (5e-4; 1e-4 and 2e-4 too) knock held-out
+    # accuracy down to ~10% within 100 steps, from where it does not recover (see the issue notes). From
+    # a start that is not annealed (benchmarks/grpo.py's START) 5e-4 works.
     return RunConfig(
         algorithm="grpo",
         out=str(out / "grpo"),
         model=ModelConfig(path=str(out / "sft" / "final")),
         data=DataConfig(train=str(data["prompts_train"]), eval=str(data["eval"]), max_length=64),
         rollout=RolloutConfig(prompts_per_step=16, group_size=8, max_new_tokens=6),
-        rl=RLOptions(rewards=["exact_match"]),
+        rl=RLOptions(rewards=["exact_match"], kl_coef=0.05),
         train=TrainConfig(
             lr=3e-5, betas=(0.9, 0.99), schedule="constant", max_steps=budget.grpo_steps, log_every=10,
-            eval_every=25, save_every=50,
+            eval_every=100, save_every=100,
         ),
     )  # fmt: skip
 
@@ -175,7 +180,9 @@ def quickstart(
     out = Path(out)
     t0 = time.time()
     n = budget.rows
-    data = arithmetic.write_task_files(out / "data", levels=LEVELS, n_sft=n, n_prompts=n, n_pretrain_docs=n)
+    data = arithmetic.write_task_files(
+        out / "data", levels=LEVELS, prompt_levels=RL_LEVELS, n_sft=n, n_prompts=n, n_pretrain_docs=n
+    )
     if fresh or not (out / "tiny" / "config.json").exists():
         build_tiny(out / "tiny", size="tiny")
     pref = preference.write_preference_files(out / "data", levels=LEVELS, n_train=n)

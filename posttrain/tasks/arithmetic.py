@@ -352,8 +352,10 @@ def write_task_files(
     n_pretrain_docs: int = 20_000,
     seed: int = 0,
     levels: Sequence[str] = LEVELS,
+    prompt_levels: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Write the task's jsonl files into ``out_dir``.
+    """Write the task's jsonl files into ``out_dir``; the RL prompts are of ``prompt_levels``
+    (default: ``levels``).
 
     Returns:
         ``{"sft_train": ..., "prompts_train": ..., "eval": ..., "pretrain": ...}``, each the
@@ -363,7 +365,7 @@ def write_task_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {
         "sft_train": sft_rows(n_sft, seed=seed, levels=levels),
-        "prompts_train": prompt_rows(n_prompts, seed=seed, levels=levels),
+        "prompts_train": prompt_rows(n_prompts, seed=seed, levels=prompt_levels or levels),
         "eval": eval_rows(levels),
         "pretrain": pretrain_corpus(n_pretrain_docs, seed=seed, levels=levels),
     }

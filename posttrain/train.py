@@ -202,17 +202,17 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
 # --------------------------------------------------------------------------------------------- online
 
 
-def prompt_rows(paths: list[str], tokenizer, cfg: RunConfig) -> list[dict]:
-    """Validated prompt rows; a prompt that leaves no room for max_new_tokens within max_length is an error
-    naming its file and line."""
+def prompt_rows(paths: list[str], tokenizer, cfg: RunConfig) -> tuple[list[dict], tuple[list, list]]:
+    """Validated prompt rows and their `encode_prompts` (texts, token ids); a prompt that leaves no room
+    for max_new_tokens within max_length is an error naming its file and line."""
     from posttrain.rollout.source import encode_prompts
 
-    rows, errors = [], []
+    rows, texts, token_ids, errors = [], [], [], []
     room = cfg.data.max_length - cfg.rollout.max_new_tokens
     for path in paths:
         located = load_rows(path, "prompt")
-        _, ids = encode_prompts(tokenizer, [row for _, row in located])
-        for (loc, row), prompt in zip(located, ids):
+        rendered, ids = encode_prompts(tokenizer, [row for _, row in located])
+        for (loc, row), text, prompt in zip(located, rendered, ids):
             if len(prompt) > room:
                 errors.append(
                     f"{loc}: field 'prompt': {len(prompt)} tokens; with rollout.max_new_tokens="
@@ -220,11 +220,13 @@ def prompt_rows(paths: list[str], tokenizer, cfg: RunConfig) -> list[dict]:
                 )
             else:
                 rows.append(row)
+                texts.append(text)
+                token_ids.append(prompt)
     if errors:
         raise DataError(f"{len(errors)} prompt(s) too long:\n  " + "\n  ".join(errors[:20]))
     if not rows:
         raise DataError(f"{', '.join(paths)}: no prompts")
-    return rows
+    return rows, (texts, token_ids)
 
 
 def build_reward(specs: list, cfg: RunConfig, *, shaping: bool):
@@ -312,8 +314,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     run = Run(cfg.out, write=accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
-    rows = prompt_rows(train_files, tokenizer, cfg)
-    eval_rows = prompt_rows(eval_files, tokenizer, cfg) if eval_files else None
+    rows, encoded = prompt_rows(train_files, tokenizer, cfg)
+    eval_rows = prompt_rows(eval_files, tokenizer, cfg)[0] if eval_files else None
     reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
     eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
 
@@ -353,6 +355,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
         accelerator=accelerator,
         samples_path=run.samples_file if accelerator.is_main_process else None,
         reference=reference,
+        encoded=encoded,
     )
     evaluator = None
     if eval_rows:

@@ -153,8 +153,8 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(task, tmp_path):
     class Tok:
         pad_token_id = 0
 
-        def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [int(text)]}
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[int(t)] for t in texts]}
 
     def reward(prompts, completions, **_):
         return [float(c[-1]) for c in completions]  # "0" everywhere for even prompts

@@ -48,7 +48,7 @@ class Generated:
 def encode_prompts(tokenizer, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
     """Rendered prompt texts (chat template with the generation prompt) and their token ids."""
     texts = render_prompts(tokenizer, [row["prompt"] for row in rows])
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one batched call
     return texts, ids
 
 
@@ -75,10 +75,22 @@ class RolloutSource:
         accelerator: for the device and cross-process reductions.
         samples_path: where to append samples.jsonl (main process), or None.
         reference: a frozen reference model when rl.kl_coef > 0 (None: no KL).
+        encoded: `encode_prompts(tokenizer, rows)` when the caller has it already.
     """
 
     def __init__(
-        self, cfg, *, rows, tokenizer, engine, reward, algo, accelerator, samples_path=None, reference=None
+        self,
+        cfg,
+        *,
+        rows,
+        tokenizer,
+        engine,
+        reward,
+        algo,
+        accelerator,
+        samples_path=None,
+        reference=None,
+        encoded=None,
     ):
         self.cfg, self.rl, self.ro = cfg, cfg.rl, cfg.rollout
         self.rows, self.tokenizer, self.engine = rows, tokenizer, engine
@@ -97,7 +109,7 @@ class RolloutSource:
                 f"processes ({self.world})"
             )
         self.local_prompts = self.ro.prompts_per_step // self.world
-        self.prompt_texts, self.prompt_ids = encode_prompts(tokenizer, rows)
+        self.prompt_texts, self.prompt_ids = encoded or encode_prompts(tokenizer, rows)
         self.steps_per_rollout = self.rl.epochs * self.rl.minibatches
         samples = self.local_prompts * self.ro.group_size
         if samples < self.rl.minibatches:

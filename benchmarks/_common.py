@@ -39,6 +39,21 @@ OFFLINE_ENV = {
 }
 
 
+# TRL's fastest settings on a CPU (shared/reference/README.md): no mixed precision, no activation
+# checkpointing (slower at these sizes), no workers, no reports, no saving, no logging, no progress bar.
+TRL_CPU_ARGS = dict(
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    gradient_checkpointing=False,
+    dataloader_num_workers=0,
+    report_to="none",
+    save_strategy="no",
+    logging_steps=10**6,
+    disable_tqdm=True,
+)
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -91,6 +91,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    TRL_CPU_ARGS,
     bench_main,
     emit_result,
     measured_window,
@@ -296,15 +297,7 @@ def child_trl(spec: dict, started: float) -> dict:
         max_length=MAX_LENGTH,
         precompute_ref_log_probs=precompute,
         train_sampling_strategy="sequential",  # the parent wrote the rows in posttrain's batch order
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
+        **TRL_CPU_ARGS,
         seed=SEED,
     )
     clock = trl_step_clock()

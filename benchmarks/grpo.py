@@ -96,6 +96,7 @@ import time
 from pathlib import Path
 
 from _common import (
+    TRL_CPU_ARGS,
     bench_main,
     emit_result,
     measured_window,
@@ -415,16 +416,8 @@ def child_trl(spec: dict, started: float) -> dict:
         epsilon=EPSILON,
         num_iterations=1,
         use_vllm=False,
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
+        **TRL_CPU_ARGS,
         log_completions=False,
-        disable_tqdm=True,
         seed=spec.get("seed", SEED),
     )
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])

@@ -65,6 +65,7 @@ import json
 from pathlib import Path
 
 from _common import (
+    TRL_CPU_ARGS,
     bench_main,
     emit_result,
     measured_window,
@@ -264,15 +265,7 @@ def child_trl(spec: dict) -> dict:
         padding_free=padding_free,
         # Rows arrive in posttrain's batch order (see same_order) and are read sequentially.
         train_sampling_strategy="group_by_length" if grouped else "sequential",
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10**6,
-        disable_tqdm=True,
+        **TRL_CPU_ARGS,
         seed=SEED,
     )
     clock = trl_step_clock()

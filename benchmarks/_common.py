@@ -55,7 +55,19 @@ TRL_CPU_ARGS = dict(
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux, VmHWM of /proc/self/status: the high-water mark of this process's own address space.
+    `ru_maxrss` is not: a child started with fork + exec keeps its parent's peak there (a child of a
+    300 MiB parent reports >= 300 MiB before it allocates anything), so a parent that built models
+    before spawning the measured runs would floor every child's figure at its own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024 if sys.platform != "darwin" else kib / 2**20  # macOS reports bytes
 

@@ -56,11 +56,10 @@ Metrics, defined identically for both:
                   ``_generate_and_score_completions``). The rest is the update: forward, backward, optimiser.
     reward, len   mean reward and completion length over the measured steps: both sample from the same
                   START, so they must agree up to sampling noise (a check that the work is the same).
-    peak MiB      ru_maxrss of the child at the end of training, the largest over repeats.
-                  ``rss_at_start_mib`` in the JSON is ru_maxrss before the child imported anything: on
-                  Linux a process inherits the peak of the process that spawned it (exec keeps the old
-                  address space's high-water mark), so the parent here stays small and does its model work
-                  in a child too; a start value near the peak would mean the peak is not the child's own.
+    peak MiB      the child's own peak resident set at the end of training (``_common.peak_rss_mib``:
+                  VmHWM; ``ru_maxrss`` would include the peak of the process that spawned it), the
+                  largest over repeats. ``rss_at_start_mib`` in the JSON is the same before the child
+                  imported anything.
     pass@1        held-out greedy exact match on ``arithmetic.eval_rows(("add2",), n_per_level=200)``, by
                   one evaluator for both (``posttrain.eval.generation.accuracy``: plain
                   ``model.generate``, 8 new tokens), on the live model at the end of the step where the

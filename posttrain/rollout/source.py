@@ -166,9 +166,8 @@ class RolloutSource:
             Step(micro=s["micro"], tokens=s["tokens"], metrics=s["metrics"]) for s in state["pending"]
         ]
         self.engine.policy_version = self.rollouts
-        self._weights_stale = (
-            True  # loaded weights (resume, rollback): an engine with its own copy needs them
-        )
+        # weights were loaded (resume, rollback): an engine with its own copy (vLLM) must get them
+        self._weights_stale = True
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -430,7 +429,6 @@ class _Producer:
     on."""
 
     def __init__(self, source: RolloutSource, model):
-
         self.source = source
         engine = source.engine
         self.engine = HFEngine.copy_of(model, source.tokenizer) if isinstance(engine, HFEngine) else engine

@@ -114,6 +114,23 @@ def test_resume_mid_rollout_is_exact(task, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_gives_an_engine_with_its_own_weights_the_loaded_ones(task, tmp_path, monkeypatch):
+    # An engine that holds its own copy of the weights (as vLLM does) starts a resumed run with the
+    # weights it was built from; the rollout source must push the checkpoint's weights before sampling.
+    import posttrain.train as pt
+    from posttrain.rollout.engine import HFEngine
+
+    monkeypatch.setattr(pt, "make_engine", lambda cfg, model, tok, acc: HFEngine.copy_of(model, tok))
+    opts = {"save_every": 2, "max_steps": 4}
+    full = train(config(task, tmp_path / "full", **opts))
+    cut = config(task, tmp_path / "cut", **opts)
+    cut["train"]["max_steps"] = 2
+    train(cut)
+    cut["train"]["max_steps"] = 4
+    resumed = train(cut, resume=True)
+    assert [round(x, 6) for x in rewards(full.run_dir)] == [round(x, 6) for x in rewards(resumed.run_dir)]
+
+
 def test_async_generation_keeps_the_lag_bound(task, tmp_path):
     res = train(config(task, tmp_path / "async", rollout={"max_policy_lag": 1}, max_steps=6))
     lags = [m["policy_lag"] for m in read_metrics(res.run_dir)]

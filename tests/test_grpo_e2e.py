@@ -50,8 +50,9 @@ def test_grpo_raises_held_out_pass_at_1_within_a_time_budget(tmp_path):
         }
     )
     evals = [m["eval/pass@1"] for m in read_metrics(grpo.run_dir) if "eval/pass@1" in m]
-    # measured: 0.42 -> 0.88 after 120 s (benchmarks/grpo.py, 2 seeds); here 0.72, 0.70, 0.70 at 90 s; the
-    # curve swings by ~0.1 between evaluations
+    # measured: 0.42 -> 0.88 after 120 s (benchmarks/grpo.py, 2 seeds); here, evaluations every 300 steps
+    # of two runs: 0.73 0.57 0.79 0.70 0.65 and (90 s) 0.72 0.70 0.70. The curve swings by ~0.1 from one
+    # evaluation to the next, so the test looks at its level (the mean) and its best, not one point.
     assert before < 0.6, before
-    assert evals[-1] >= before + 0.2, (before, evals)
-    assert max(evals) >= 0.65, (before, evals)
+    assert sum(evals) / len(evals) >= before + 0.2, (before, evals)
+    assert max(evals) >= 0.7, (before, evals)

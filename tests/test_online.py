@@ -73,6 +73,16 @@ def test_grpo_family_learns_a_dense_reward(task, tmp_path, algorithm):
     AutoModelForCausalLM.from_pretrained(res.final)  # final/ is a plain causal LM
 
 
+def test_grpo_with_lora_and_a_kl_anchor_trains_the_adapter_only(task, tmp_path):
+    # The shared-prompt forward through a PEFT model; the adapter-free base is the KL reference.
+    cfg = config(task, tmp_path / "lora", rl={"kl_coef": 0.01}, lr=2e-2, max_steps=4)
+    cfg["model"]["lora"] = {"r": 8, "alpha": 16}
+    res = train(cfg)
+    m = read_metrics(res.run_dir)
+    assert m[0]["kl_to_ref"] == pytest.approx(0.0, abs=1e-6) and m[-1]["kl_to_ref"] > 1e-6
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in m)
+
+
 def test_dapo_options_work_together(task, tmp_path):
     res = train(config(task, tmp_path / "dapo", "dapo", max_steps=4))
     m = read_metrics(res.run_dir)[-1]

@@ -139,11 +139,21 @@ def _buffer_from(engine, ids, n, sampling):
     )
 
 
-def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny, prompts):
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny, prompts, lora):
     # Each distinct prompt runs once and its samples attend to its cached keys / values: the logits,
     # the last hidden states and the gradients must be those of one full forward per sample.
     model, tok = tiny
     _, ids = prompts
+    if lora:  # a PEFT model passes the cache through to the base model
+        import copy
+
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules="all-linear"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # B starts at zero: give the adapters an effect
     engine = HFEngine(model, tok)
     engine.eos = sorted(set(engine.eos) | set(range(10, 60)))  # ragged completion lengths
     torch.manual_seed(3)
@@ -157,7 +167,8 @@ def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny
         model.zero_grad()
         logits, hidden = completion_forward(model, batch, share_prompts=share, hidden=True)
         ((logits * weights).sum() + hidden.sum()).backward()
-        results.append((logits.detach(), hidden.detach(), [p.grad.clone() for p in model.parameters()]))
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logits.detach(), hidden.detach(), grads))
     (full_l, full_h, full_g), (shared_l, shared_h, shared_g) = results
     mask = batch["targets"] != -100
     assert torch.allclose(full_l[mask], shared_l[mask], atol=1e-5)

@@ -2,8 +2,8 @@
 
 Samples are stored flat, prompt-major: the `group_size` completions of a prompt are consecutive, which is
 what group advantages (GRPO, RLOO) rely on. Per-token quantities (sampling log-probs, reference log-probs,
-values, advantages) are kept as [N, L] tensors aligned with the padded training layout built by `batch`,
-so that a minibatch is a row selection, never a re-alignment.
+values, advantages) are kept as [N, C] tensors aligned with the completions of the training layout built
+by `batch`, so that a minibatch is a row selection, never a re-alignment.
 
 Training layout of a micro-batch: prompts left-padded to the longest prompt (P columns), completions
 right-padded to the longest completion (C columns), so that every completion starts in column P:
@@ -13,9 +13,8 @@ right-padded to the longest completion (C columns), so that every completion sta
 
 Per-token quantities are [N, C]: column t belongs to completion token t. The logits that predict token t
 sit at input column P - 1 + t; `completion_forward` returns exactly those [N, C] logits. When several
-samples share a prompt (a GRPO group), it runs each distinct prompt once and lets its samples attend to
-the prompt's cached keys and values: the same numbers for roughly (prompt + completion) / completion
-times less work when prompts are long or groups large.
+samples share a prompt (a GRPO group of G), it runs each distinct prompt once and lets its samples attend
+to the prompt's cached keys and values: the same numbers, with the prompt's share of the work cut G-fold.
 """
 
 from __future__ import annotations

@@ -108,17 +108,22 @@ def test_ppo_value_head_learns_and_is_saved(task, tmp_path):
     AutoModelForCausalLM.from_pretrained(res.final)
 
 
+def full_and_resumed(task, tmp_path, cut_at: int, **opts):
+    """One uninterrupted run, and one stopped after `cut_at` steps (a checkpoint there) and resumed."""
+    full = train(config(task, tmp_path / "full", **opts))
+    cut = config(task, tmp_path / "cut", **opts)
+    cut["train"]["max_steps"] = cut_at
+    train(cut)
+    cut["train"]["max_steps"] = opts["max_steps"]
+    resumed = train(cut, resume=True)
+    assert [round(x, 6) for x in rewards(full.run_dir)] == [round(x, 6) for x in rewards(resumed.run_dir)]
+    return full, resumed
+
+
 def test_resume_mid_rollout_is_exact(task, tmp_path):
     # two optimiser steps per rollout: the checkpoint at step 3 falls inside a rollout, so its
     # pending step, the prompt cursor and the RNG states must all come back.
-    opts = {"rl": {"minibatches": 2}, "save_every": 3, "max_steps": 6}
-    full = train(config(task, tmp_path / "full", **opts))
-    cut = config(task, tmp_path / "cut", **opts)
-    cut["train"]["max_steps"] = 3
-    train(cut)
-    cut["train"]["max_steps"] = 6
-    resumed = train(cut, resume=True)
-    assert [round(x, 6) for x in rewards(full.run_dir)] == [round(x, 6) for x in rewards(resumed.run_dir)]
+    full, resumed = full_and_resumed(task, tmp_path, 3, rl={"minibatches": 2}, save_every=3, max_steps=6)
     a = AutoModelForCausalLM.from_pretrained(full.final).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed.final).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -131,14 +136,7 @@ def test_resume_gives_an_engine_with_its_own_weights_the_loaded_ones(task, tmp_p
     from posttrain.rollout.engine import HFEngine
 
     monkeypatch.setattr(pt, "make_engine", lambda cfg, model, tok, acc: HFEngine.copy_of(model, tok))
-    opts = {"save_every": 2, "max_steps": 4}
-    full = train(config(task, tmp_path / "full", **opts))
-    cut = config(task, tmp_path / "cut", **opts)
-    cut["train"]["max_steps"] = 2
-    train(cut)
-    cut["train"]["max_steps"] = 4
-    resumed = train(cut, resume=True)
-    assert [round(x, 6) for x in rewards(full.run_dir)] == [round(x, 6) for x in rewards(resumed.run_dir)]
+    full_and_resumed(task, tmp_path, 2, save_every=2, max_steps=4)  # same rewards after the resume
 
 
 def test_async_generation_keeps_the_lag_bound(task, tmp_path):

@@ -1,4 +1,4 @@
-"""Helpers shared by the side-by-side benchmarks (SFT now; DPO and GRPO next).
+"""Helpers shared by the side-by-side benchmarks (SFT, DPO, GRPO).
 
 Every benchmark runs each framework in its own child process, so that the peak resident
 memory of one framework is not polluted by the other's imports, models or caches. A child
@@ -11,6 +11,7 @@ forward, backward, clipping, the optimiser step and per-step bookkeeping all cou
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -226,3 +227,58 @@ def bench_main(args, variants_table: dict, run_all, name: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten: {out}")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def ids_digest(sequences: list[list[int]]) -> str:
+    """sha256 of every sequence's token ids, in order: equal digests mean identical tokenisation."""
+    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
+
+
+def fmt(value, spec: str, unit: str = "") -> str:
+    """A table cell: `value` formatted, or "-" when there is none."""
+    return "-" if value is None else format(value, spec) + unit
+
+
+def versions() -> dict:
+    """Package versions, and where the measured posttrain lives (this checkout: see REPO above)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import posttrain
+
+    found = {"posttrain_path": str(Path(posttrain.__file__).parent)}
+    for name in ("posttrain", "torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+BUSY_LIMIT = 0.15  # cores kept busy by other programs (before or during a run) that flag it unreliable
+
+
+def run_quietly(script: str, spec: dict, label: str, args, retries: int = 0) -> dict:
+    """Run `script`'s child on `spec` once the machine is quiet (waiting up to args.wait_quiet s); run it
+    again, up to `retries` times, when other programs kept the cores busy meanwhile. A run that stays
+    disturbed is kept, flagged `noisy`. Each attempt gets its own run directory."""
+    for attempt in range(retries + 1):
+        before = wait_until_quiet(BUSY_LIMIT, args.wait_quiet)
+        print(f"{label} ..." + (f" (retry {attempt})" if attempt else ""), flush=True)
+        run_spec = {**spec, "run_dir": f"{spec['run_dir']}-{attempt}"} if "run_dir" in spec else spec
+        result = run_child(script, run_spec, timeout=args.timeout)
+        result["busy_cores_before"] = before
+        if "error" in result:
+            print(f"{label} failed: {result['error']}\n  " + "\n  ".join(result.get("output_tail", [])))
+        busy = max((x for x in (before, result.get("other_cores")) if x is not None), default=0.0)
+        result["noisy"] = busy > BUSY_LIMIT
+        if not result["noisy"]:
+            break
+        print(f"{label}: WARNING other programs kept {busy:.2f} cores busy around this run")
+    if result["noisy"]:
+        print(f"{label}: figures NOT reliable (machine busy); rerun on a quiet machine")
+    return result

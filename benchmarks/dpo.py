@@ -83,7 +83,6 @@ posttrain's figures are still reported.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -94,13 +93,16 @@ from _common import (
     TRL_CPU_ARGS,
     bench_main,
     emit_result,
+    fmt,
+    ids_digest,
     measured_window,
     peak_rss_mib,
     ratio,
-    run_child,
+    read_jsonl,
+    run_quietly,
     setup_child,
     trl_step_clock,
-    wait_until_quiet,
+    versions,
 )
 
 # The checkout this script lives in: its posttrain is the one measured, whatever an editable
@@ -114,7 +116,6 @@ MAX_LENGTH = 128
 THREADS = 2
 SEED = 0
 TOLERANCE = 1e-5
-BUSY_LIMIT = 0.15  # cores kept busy by other programs (before or during a run) that flag it unreliable
 # Loss kinds whose maths both frameworks share. ipo: TRL averages log-ratios per token, posttrain's
 # default sums them (see posttrain.losses._ipo), so only step 1 (where both are 0) is comparable.
 KINDS = ("sigmoid", "hinge", "ipo", "sigmoid_norm")
@@ -131,11 +132,6 @@ BASELINE = "trl"  # ratios and agreement are against this variant
 
 
 # ----------------------------------------------------------------------------------- children
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def posttrain_config(spec: dict) -> dict:
@@ -342,11 +338,6 @@ def child_main(spec: dict) -> None:
 # ------------------------------------------------------------------------------------- parent
 
 
-def ids_digest(sequences: list[list[int]]) -> str:
-    """sha256 of every sequence's token ids, in order: equal digests mean identical tokenisation."""
-    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
-
-
 def prepare(work: Path, size: str, n_rows: int) -> dict:
     """One size's model, rows (posttrain's file), posttrain's epoch-0 batch plan and TRL's file in that order."""
     from transformers import AutoTokenizer
@@ -422,21 +413,6 @@ def fill_of_posttrain(prep: dict, spec: dict) -> float:
     return tokens / positions
 
 
-def run_one(spec: dict, label: str, args) -> dict:
-    """One child, once the machine is quiet; flagged `noisy` if other programs competed meanwhile."""
-    before = wait_until_quiet(BUSY_LIMIT, args.wait_quiet)
-    print(f"{label} ...", flush=True)
-    result = run_child(__file__, spec, timeout=args.timeout)
-    result["busy_cores_before"] = before
-    if "error" in result:
-        print(f"{label} failed: {result['error']}\n  " + "\n  ".join(result.get("output_tail", [])))
-    busy = max((x for x in (before, result.get("other_cores")) if x is not None), default=0.0)
-    result["noisy"] = busy > BUSY_LIMIT
-    if result["noisy"]:
-        print(f"{label}: WARNING other programs kept {busy:.2f} cores busy around this run")
-    return result
-
-
 def summarise(reps: list[dict]) -> dict:
     """One variant's repeats -> its row: every repeat's s/step, the fastest one's figures for the table
     and the ratios, the largest peak RSS."""
@@ -486,10 +462,6 @@ def agreement(row: dict, base: dict, kind: str) -> dict:
     }
     out["all_within_tolerance"] = all(v is None or v <= TOLERANCE for v in out.values())
     return out
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_tables(all_results: dict, kind: str) -> None:
@@ -590,7 +562,7 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
                     "threads": args.threads,
                 }
                 label = f"[{size}] {name} (repeat {rep + 1}/{args.repeats})"
-                raw[size][name].append(run_one(spec, label, args))
+                raw[size][name].append(run_quietly(__file__, spec, label, args))
 
     all_results: dict[str, dict] = {}
     checks = {}
@@ -640,21 +612,6 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
         "first_batch": {size: prep[size]["plan"][0] for size in sizes},
         "results": all_results,
     }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("posttrain", "torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    import posttrain
-
-    found["posttrain_path"] = str(Path(posttrain.__file__).parent)  # the code measured
-    return found
 
 
 if __name__ == "__main__":

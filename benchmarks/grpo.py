@@ -87,7 +87,6 @@ TRL not installed: its runs are skipped and posttrain's figures are still report
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -98,13 +97,17 @@ from _common import (
     TRL_CPU_ARGS,
     bench_main,
     emit_result,
+    fmt,
+    ids_digest,
     measured_window,
     peak_rss_mib,
     ratio,
+    read_jsonl,
     run_child,
+    run_quietly,
     setup_child,
     trl_step_clock,
-    wait_until_quiet,
+    versions,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +126,6 @@ N_PROMPTS = 20_000
 EVAL_PER_LEVEL = 200
 THREADS = 2
 SEED = 0
-BUSY_LIMIT = 0.15  # cores kept busy by other programs (before or during a run) that flag it unreliable
 # START: SFT of the random-init model (constant lr after a short warm-up; see the module docstring).
 SFT = {"lr": 2e-3, "betas": (0.9, 0.98), "batch_size": 64, "warmup_steps": 20, "max_length": 64}
 SFT_STEPS = {"tiny": 400, "small": 100}
@@ -138,15 +140,6 @@ BASELINE = "trl"
 
 
 # ----------------------------------------------------------------------------------- children
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def ids_digest(sequences: list[list[int]]) -> str:
-    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
 
 
 class BudgetReached(Exception):
@@ -563,25 +556,6 @@ def child_main(spec: dict) -> None:
 # ------------------------------------------------------------------------------------- parent
 
 
-def run_quietly(spec: dict, label: str, args, retries: int = 0) -> dict:
-    """One child once the machine is quiet; rerun up to `retries` times when other programs competed.
-    The result is flagged `noisy` if it stayed disturbed."""
-    for attempt in range(retries + 1):
-        before = wait_until_quiet(BUSY_LIMIT, args.wait_quiet)
-        print(f"{label} ..." + (f" (retry {attempt})" if attempt else ""), flush=True)
-        run_spec = {**spec, "run_dir": f"{spec['run_dir']}-{attempt}"} if "run_dir" in spec else spec
-        result = run_child(__file__, run_spec, timeout=args.timeout)
-        result["busy_cores_before"] = before
-        if "error" in result:
-            print(f"{label} failed: {result['error']}\n  " + "\n  ".join(result.get("output_tail", [])))
-        busy = max((x for x in (before, result.get("other_cores")) if x is not None), default=0.0)
-        result["noisy"] = busy > BUSY_LIMIT
-        if not result["noisy"]:
-            break
-        print(f"{label}: WARNING other programs kept {busy:.2f} cores busy around this run")
-    return result
-
-
 def summarise(reps: list[dict]) -> dict:
     """One trainer's speed repeats -> its row: the fastest repeat's figures, every repeat's s/step, the
     largest peak RSS."""
@@ -628,10 +602,6 @@ def summarise_budget(runs: list[dict]) -> dict:
 
 def mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_tables(speed: dict, budget: dict, prep: dict) -> None:
@@ -775,7 +745,7 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
                 label = f"[{size}] {name} speed (repeat {rep + 1}/{args.repeats})"
                 spec = spec_for(size, name, "speed", f"speed{rep}")
                 raw[size][name].append(
-                    {**run_quietly(spec, label, args), "warmup": args.warmup, "steps": steps[size]}
+                    {**run_quietly(__file__, spec, label, args), "warmup": args.warmup, "steps": steps[size]}
                 )
     budget_sizes = [s for s in args.budget_sizes.split(",") if s in sizes] if args.budget > 0 else []
     seeds = list(range(args.seeds))
@@ -785,7 +755,9 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
             for name in variants:
                 label = f"[{size}] {name} budget {args.budget:.0f} s (seed {seed})"
                 spec = {**spec_for(size, name, "budget", f"budget-seed{seed}"), "seed": seed}
-                budget_raw[size][name].append({**run_quietly(spec, label, args, args.retries), "seed": seed})
+                budget_raw[size][name].append(
+                    {**run_quietly(__file__, spec, label, args, args.retries), "seed": seed}
+                )
 
     speed: dict[str, dict] = {}
     checks = {}
@@ -855,19 +827,6 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
         "speed": speed,
         "budget": budget,
     }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("posttrain", "torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    found["posttrain_path"] = str(REPO / "posttrain")  # the code measured (children import it from here)
-    return found
 
 
 if __name__ == "__main__":

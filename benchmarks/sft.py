@@ -60,7 +60,6 @@ run once, and marks a run that stayed disturbed with `!`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from pathlib import Path
 
@@ -68,13 +67,16 @@ from _common import (
     TRL_CPU_ARGS,
     bench_main,
     emit_result,
+    fmt,
+    ids_digest,
     measured_window,
     peak_rss_mib,
     ratio,
-    run_child,
+    read_jsonl,
+    run_quietly,
     setup_child,
     trl_step_clock,
-    wait_until_quiet,
+    versions,
 )
 
 BATCH = 32
@@ -82,7 +84,6 @@ LR = 1e-3
 MAX_LENGTH = 128
 THREADS = 2
 SEED = 0
-BUSY_LIMIT = 0.15  # cores kept busy by other programs (before or during a run) that flag it unreliable
 
 VARIANTS: dict[str, dict] = {
     "posttrain": {"framework": "posttrain", "packing": True},
@@ -109,16 +110,6 @@ METHOD = (
 
 
 # ----------------------------------------------------------------------------------- children
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def ids_digest(sequences: list[list[int]]) -> str:
-    """sha256 of every example's token ids, in order: equal digests mean identical tokenisation."""
-    return hashlib.sha256(json.dumps(sequences).encode()).hexdigest()
 
 
 def posttrain_config(spec: dict) -> dict:
@@ -379,30 +370,8 @@ def run_size(
             "order": order,
             "report_examples": size == "tiny" and name == BASELINE,
         }
-        results[name] = run_quietly(spec, f"[{size}] {name}", args)
+        results[name] = run_quietly(__file__, spec, f"[{size}] {name}", args, args.retries)
     return results
-
-
-def run_quietly(spec: dict, label: str, args) -> dict:
-    """Run one child once the machine is quiet; run it again (up to --retries) when other programs
-    kept the cores busy meanwhile. A run that stays disturbed is kept, flagged `noisy`."""
-    for attempt in range(args.retries + 1):
-        before = wait_until_quiet(BUSY_LIMIT, args.wait_quiet)
-        print(f"{label} ..." + (f" (retry {attempt})" if attempt else ""), flush=True)
-        result = run_child(
-            __file__, {**spec, "run_dir": f"{spec['run_dir']}-{attempt}"}, timeout=args.timeout
-        )
-        result["busy_cores_before"] = before
-        if "error" in result:
-            print(f"{label} failed: {result['error']}\n  " + "\n  ".join(result.get("output_tail", [])))
-        busy = max((x for x in (before, result.get("other_cores")) if x is not None), default=0.0)
-        result["noisy"] = busy > BUSY_LIMIT
-        if not result["noisy"]:
-            break
-        print(f"{label}: WARNING other programs kept {busy:.2f} cores busy around this run")
-    if result["noisy"]:
-        print(f"{label}: figures NOT reliable (machine busy); rerun on a quiet machine")
-    return result
 
 
 def add_ratios(results: dict) -> None:
@@ -418,10 +387,6 @@ def loss_agreement(results: dict) -> float | None:
     base = results.get(BASELINE, {}).get("first_loss")
     same = [r["first_loss"] for name, r in results.items() if name not in GROUPED and "first_loss" in r]
     return None if base is None or not same else max(abs(x - base) for x in same)
-
-
-def fmt(value, spec: str, unit: str = "") -> str:
-    return "-" if value is None else format(value, spec) + unit
 
 
 def print_table(all_results: dict) -> None:
@@ -515,20 +480,6 @@ def run_all(args, sizes: list[str], variants: list[str], work: Path) -> dict:
         "loss1_max_abs_diff_same_batches": agreement,
         "results": all_results,
     }
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import posttrain
-
-    found = {"posttrain_path": str(Path(posttrain.__file__).parent)}
-    for name in ("posttrain", "torch", "transformers", "trl", "accelerate"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 if __name__ == "__main__":

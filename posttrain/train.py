@@ -266,16 +266,17 @@ def make_engine(cfg: RunConfig, model, tokenizer, accelerator):
     return HFEngine(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
 
 
-def online_evaluator(cfg: RunConfig, rows: list[dict], engine, tokenizer, reward, accelerator):
-    """Greedy held-out evaluation inside training: mean reward and pass@1 (reward >= success_threshold)."""
+def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, accelerator):
+    """Greedy held-out evaluation inside training: mean reward and pass@1 (reward >= success_threshold).
+    `encoded`: the rows' (texts, token ids) from `prompt_rows`."""
     import torch
 
     from posttrain.rollout.engine import Sampling
-    from posttrain.rollout.source import encode_prompts, score_completions
+    from posttrain.rollout.source import score_completions
 
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = rows[rank::world]
-    texts, ids = encode_prompts(tokenizer, mine)
+    texts, ids = encoded[0][rank::world], encoded[1][rank::world]
     greedy = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0, stop=tuple(cfg.rollout.stop))
 
     def evaluate(model) -> dict[str, float]:
@@ -315,7 +316,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     tokenizer = load_tokenizer(cfg.model)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
     rows, encoded = prompt_rows(train_files, tokenizer, cfg)
-    eval_rows = prompt_rows(eval_files, tokenizer, cfg)[0] if eval_files else None
+    eval_rows, eval_encoded = prompt_rows(eval_files, tokenizer, cfg) if eval_files else (None, None)
     reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
     eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
 
@@ -359,7 +360,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     )
     evaluator = None
     if eval_rows:
-        evaluator = online_evaluator(cfg, eval_rows, engine, tokenizer, eval_reward, accelerator)
+        evaluator = online_evaluator(cfg, eval_rows, eval_encoded, engine, eval_reward, accelerator)
     try:
         result = train_loop(
             cfg.train,

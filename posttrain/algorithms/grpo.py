@@ -57,10 +57,6 @@ def annotate(source, model, buffer) -> None:
     buffer.sequence["loss_mask"] = torch.tensor(keep)
 
 
-def completion_mask(buffer) -> torch.Tensor:
-    return buffer.completion_mask()
-
-
 def advantages(source, buffer) -> None:
     """Per-sample advantages ([N], broadcast over tokens) or per-token ones ([N, L]) for REINFORCE++
     with the KL in the reward."""
@@ -73,7 +69,7 @@ def advantages(source, buffer) -> None:
     elif rl.advantage == "reinforce_pp":
         group = G if G > 1 else None
         if kl_in_reward:
-            mask = completion_mask(buffer)
+            mask = buffer.completion_mask()
             kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator=rl.kl_estimator)
             adv = reinforce_pp_advantages(
                 rewards, mask, kl=kl * mask, kl_coef=source.kl_coef, group_size=group
@@ -84,7 +80,7 @@ def advantages(source, buffer) -> None:
         raise ValueError(f"advantage {rl.advantage!r} needs a value model: use algorithm ppo")
     if adv.dim() == 2:
         buffer.token["advantages"] = adv.float()
-        buffer.sequence["advantages"] = (adv * completion_mask(buffer)).sum(1)  # for samples.jsonl
+        buffer.sequence["advantages"] = (adv * buffer.completion_mask()).sum(1)  # for samples.jsonl
     else:
         buffer.sequence["advantages"] = adv.float()
 

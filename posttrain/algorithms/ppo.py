@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.advantages import gae, kl_penalty, whiten
-from posttrain.algorithms.grpo import KIND, completion_mask, old_logps  # noqa: F401  (KIND: prompt rows)
+from posttrain.algorithms.grpo import KIND, old_logps  # noqa: F401  (KIND: prompt rows)
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.errors import ConfigError
 from posttrain.logprobs import entropy, token_logprobs
@@ -109,7 +109,7 @@ def annotate(source, model, buffer) -> None:
 def advantages(source, buffer) -> None:
     """Per-token rewards (KL penalty + the sequence reward on the last token), GAE, whitening."""
     rl = source.rl
-    mask = completion_mask(buffer)
+    mask = buffer.completion_mask()
     rewards = buffer.rewards.clone()
     if rl.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)

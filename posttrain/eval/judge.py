@@ -195,20 +195,26 @@ def _as_score(value, low: int, high: int) -> int | str:
     return int(value)
 
 
-def _json_scores(text: str, names: set[str]) -> dict | None:
-    """The first JSON object in ``text`` that holds any dimension (top level or under "scores")."""
+def _json_objects(text: str):
+    """Every JSON object embedded in ``text``, in order (judges wrap them in prose and code fences)."""
     decoder = json.JSONDecoder()
     for match in re.finditer(r"\{", text):
         try:
             obj, _ = decoder.raw_decode(text, match.start())
         except ValueError:
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("scores"), dict):
-            obj = obj["scores"]
         if isinstance(obj, dict):
-            found = {_key(str(k)): v for k, v in obj.items()}
-            if names & set(found):
-                return found
+            yield obj
+
+
+def _json_scores(text: str, names: set[str]) -> dict | None:
+    """The first JSON object in ``text`` that holds any dimension (top level or under "scores")."""
+    for obj in _json_objects(text):
+        if isinstance(obj.get("scores"), dict):
+            obj = obj["scores"]
+        found = {_key(str(k)): v for k, v in obj.items()}
+        if names & set(found):
+            return found
     return None
 
 
@@ -279,13 +285,8 @@ def parse_verdict(text: str) -> tuple[str | None, str | None]:
         return None, "empty output"
     found = {_VERDICT_NAMES[v.lower()] for v in _VERDICT.findall(text)}
     if not found:
-        decoder = json.JSONDecoder()
-        for match in re.finditer(r"\{", text):
-            try:
-                obj, _ = decoder.raw_decode(text, match.start())
-            except ValueError:
-                continue
-            value = obj.get("verdict", obj.get("winner")) if isinstance(obj, dict) else None
+        for obj in _json_objects(text):
+            value = obj.get("verdict", obj.get("winner"))
             if isinstance(value, str) and value.strip().lower() in _VERDICT_NAMES:
                 found = {_VERDICT_NAMES[value.strip().lower()]}
                 break

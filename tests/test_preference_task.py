@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from posttrain.data.io import write_jsonl
 from posttrain.data.schemas import load_rows
 from posttrain.tasks import arithmetic as A
 from posttrain.tasks import preference as P
@@ -214,6 +215,33 @@ def test_answer_pairs_are_concise_correct_vs_concise_near_miss(tmp_path):
     assert path == tmp_path / "answer_pairs.jsonl"
     assert [json.loads(line) for line in path.read_text().splitlines()] == P.answer_pairs(300, seed=2)
     assert len(load_rows(path, "preference")) == 300
+
+
+# --- chatty SFT rows (the start of RLHF against the reward model) -------------------------------
+
+
+def test_chatty_sft_rows_are_correct_padded_or_refusals_in_the_asked_shares(tmp_path):
+    rows = P.chatty_sft_rows(4000, seed=0, levels=A.LEVELS, padded=0.5, refusal=0.1)
+    shares = Counter(r["completion_type"] for r in rows)
+    assert abs(shares["padded"] / 4000 - 0.5) < 0.03 and abs(shares["refusal"] / 4000 - 0.1) < 0.02
+    held = {p.question for level in A.LEVELS for p in A.held_out(level)}
+    assert not {r["messages"][0]["content"] for r in rows} & held
+    for row in rows:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        content, score = assistant["content"], P.gold_score(assistant["content"], row["answer"])
+        assert set(content) <= PRINTABLE and len(content) < P.MAX_COMPLETION_CHARS
+        if row["completion_type"] == "concise":
+            assert content == row["answer"] and score == 1.0
+        elif row["completion_type"] == "padded":  # right, but costs gold per extra character
+            assert row["answer"] in content and 0.5 <= score < 1.0
+        else:
+            assert not re.search(r"\d", content) and score == 0.0
+    assert Counter(r["completion_type"] for r in P.chatty_sft_rows(300, padded=0, refusal=0)) == {"concise": 300}
+    assert P.chatty_sft_rows(200, seed=3) == P.chatty_sft_rows(200, seed=3) != P.chatty_sft_rows(200, seed=4)
+    assert len(load_rows(write_jsonl(tmp_path / "c.jsonl", rows), "sft")) == 4000
+    with pytest.raises(ValueError, match="padded and refusal"):
+        P.chatty_sft_rows(10, padded=0.8, refusal=0.3)
 
 
 # --- feedback rows ---------------------------------------------------------------------------

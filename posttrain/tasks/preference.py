@@ -24,6 +24,8 @@ Data, all with chat-message fields (``prompt`` a user turn, completions assistan
 - :func:`preference_eval_rows`: the same on the arithmetic held-out problems.
 - :func:`answer_pairs`: concise correct vs concise near miss only, for DPO from a model
   that already answers with the bare number (:func:`write_answer_pairs` writes them).
+- :func:`chatty_sft_rows`: SFT demonstrations with padding and refusals, the start from
+  which PPO against an RM trained on these pairs has gold to win.
 - :func:`feedback_rows`: unpaired, labelled completions for KTO.
 - :func:`audit_rows`: held-out probe sets for an RM audit (does it prefer short-and-right
   over long, see through politeness, refusals and fluent non-answers?).
@@ -362,6 +364,43 @@ def write_answer_pairs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_jsonl(out_dir / "answer_pairs.jsonl", answer_pairs(n_train, seed=seed, levels=levels))
+
+
+def chatty_sft_rows(
+    n: int, *, seed: int = 0, levels: Sequence[str] = DEFAULT_LEVELS, padded: float = 0.5, refusal: float = 0.1
+) -> list[dict]:
+    """``n`` supervised chat rows ``{"messages", "answer", "level", "completion_type"}`` as
+    written by verbose, over-cautious demonstrators: the correct number in a filler with
+    probability ``padded`` ("The answer is 47."), a refusal with probability ``refusal``,
+    else the bare number.
+
+    A model fine-tuned on them is correct as often as one fine-tuned on bare answers but
+    loses gold to padding and refusals: the start from which RLHF against a reward model
+    trained on :func:`preference_rows` (which prefers concise answers and answers over
+    refusals) has gold to win. No held-out problem is used.
+    """
+    if not (0.0 <= padded and 0.0 <= refusal and padded + refusal <= 1.0):
+        raise ValueError(f"padded and refusal must be shares with a sum <= 1 (got {padded}, {refusal})")
+    rng = random.Random(f"chatty-sft-{seed}")
+    rows = []
+    for _ in range(n):
+        problem = sample_train(rng, levels)
+        u = rng.random()
+        if u < padded:
+            kind, text = "padded", _padded(rng, problem.answer)
+        elif u < padded + refusal:
+            kind, text = "refusal", rng.choice(_REFUSALS)
+        else:
+            kind, text = "concise", problem.answer
+        rows.append(
+            {
+                "messages": [{"role": "user", "content": problem.question}] + _assistant(text),
+                "answer": problem.answer,
+                "level": problem.level,
+                "completion_type": kind,
+            }
+        )
+    return rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,8 +29,14 @@ COMMON = {"progress": False, "tensorboard": False, "log_every": 50}
 def sampled_gold(model_dir, rows, n=4, seed=0) -> dict[str, float]:
     """Mean gold of n samples (temperature 1) per held-out prompt, and the share of samples that are correct,
     padded (a correct or wrong number with text around it) and refusals (no number)."""
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in render_prompts(tokenizer, [r["prompt"] for r in rows])]
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    ids = [
+        tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in render_prompts(tokenizer, [r["prompt"] for r in rows])
+    ]
     torch.manual_seed(seed)
     groups = HFEngine(model, tokenizer).generate(ids, n, Sampling(max_new_tokens=48, temperature=1.0))
     gold, kinds = [], []
@@ -38,7 +44,9 @@ def sampled_gold(model_dir, rows, n=4, seed=0) -> dict[str, float]:
         for c in group:
             text = c.text.split(arithmetic.END, 1)[0].strip()
             gold.append(preference.gold_score(text, row["answer"]))
-            kinds.append("refusal" if not re.search(r"\d", text) else "concise" if text.isdigit() else "padded")
+            kinds.append(
+                "refusal" if not re.search(r"\d", text) else "concise" if text.isdigit() else "padded"
+            )
     share = lambda x: sum(x) / len(x)  # noqa: E731
     return {
         "gold": share(gold),

@@ -237,7 +237,9 @@ def test_chatty_sft_rows_are_correct_padded_or_refusals_in_the_asked_shares(tmp_
             assert row["answer"] in content and 0.5 <= score < 1.0
         else:
             assert not re.search(r"\d", content) and score == 0.0
-    assert Counter(r["completion_type"] for r in P.chatty_sft_rows(300, padded=0, refusal=0)) == {"concise": 300}
+    assert Counter(r["completion_type"] for r in P.chatty_sft_rows(300, padded=0, refusal=0)) == {
+        "concise": 300
+    }
     assert P.chatty_sft_rows(200, seed=3) == P.chatty_sft_rows(200, seed=3) != P.chatty_sft_rows(200, seed=4)
     assert len(load_rows(write_jsonl(tmp_path / "c.jsonl", rows), "sft")) == 4000
     with pytest.raises(ValueError, match="padded and refusal"):

@@ -367,7 +367,12 @@ def write_answer_pairs(
 
 
 def chatty_sft_rows(
-    n: int, *, seed: int = 0, levels: Sequence[str] = DEFAULT_LEVELS, padded: float = 0.5, refusal: float = 0.1
+    n: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[str] = DEFAULT_LEVELS,
+    padded: float = 0.5,
+    refusal: float = 0.1,
 ) -> list[dict]:
     """``n`` supervised chat rows ``{"messages", "answer", "level", "completion_type"}`` as
     written by verbose, over-cautious demonstrators: the correct number in a filler with

@@ -140,7 +140,10 @@ def _buffer_from(engine, ids, n, sampling):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny, prompts, lora):
+@pytest.mark.parametrize("whole_groups", [False, True])  # gathered by index_select / by expand
+def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(
+    tiny, prompts, lora, whole_groups
+):
     # Each distinct prompt runs once and its samples attend to its cached keys / values: the logits,
     # the last hidden states and the gradients must be those of one full forward per sample.
     model, tok = tiny
@@ -158,9 +161,11 @@ def test_shared_prompt_forward_equals_the_full_forward_values_and_gradients(tiny
     engine.eos = sorted(set(engine.eos) | set(range(10, 60)))  # ragged completion lengths
     torch.manual_seed(3)
     buf = _buffer_from(engine, ids[:6], 4, Sampling(max_new_tokens=6))
-    index = list(range(2, 22))  # partial groups at both ends
+    index = list(range(24)) if whole_groups else list(range(2, 22))  # partial groups at both ends
     batch = buf.batch(index, pad_id=tok.pad_token_id)
     assert len(batch["prefix_rows"]) == 6 and batch["targets"].shape[1] > 1
+    expected = torch.arange(6).repeat_interleave(4)
+    assert torch.equal(batch["prefix_index"], expected) == whole_groups
     weights = torch.randn(*batch["targets"].shape, model.config.vocab_size)
     results = []
     for share in (False, True):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.templates import IGNORE_INDEX
-from posttrain.rollout.engine import Completion
+from posttrain.rollout.engine import Completion, forward_last
 
 
 @dataclass
@@ -157,13 +157,13 @@ def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden
         and not _checkpointing(model)  # HF drops the cache under activation checkpointing
     )
     if not shared:
-        out = _run(
+        out = forward_last(
             model, C + 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
             use_cache=False, output_hidden_states=hidden,
         )  # fmt: skip
         last = out.hidden_states[-1][:, P - 1 : P - 1 + C] if hidden else None
         return out.logits[:, -(C + 1) : -1], last
-    head = _run(
+    head = forward_last(
         model, 1, input_ids=input_ids[rows, :P], attention_mask=mask[rows, :P],
         position_ids=positions[rows, :P], use_cache=True, output_hidden_states=hidden,
     )  # fmt: skip
@@ -209,19 +209,6 @@ def _gather_cache(cache, index: Tensor, gather) -> None:
     for layer in layers:
         if layer.get_seq_length() > 0:
             layer.keys, layer.values = gather(layer.keys), gather(layer.values)
-
-
-def _run(model, keep: int, **inputs):
-    """`model(**inputs)` with logits for the last `keep` positions only where the model supports it
-    (nearly all HF causal LMs): a prompt's logits would otherwise cost [rows, prompt, vocab] memory."""
-    try:
-        return model(**inputs, logits_to_keep=keep)
-    except TypeError as e:
-        if "logits_to_keep" not in str(e):
-            raise
-        out = model(**inputs)
-        out.logits = out.logits[:, -keep:]
-        return out
 
 
 def _checkpointing(model) -> bool:

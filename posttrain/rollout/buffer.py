@@ -190,7 +190,7 @@ def _row_gather(index: Tensor):
     group); else `index_select` (an index_add). Advanced indexing, `x[index]`, backpropagates through an
     accumulating index_put, ~10x slower on CPU."""
     U, N = int(index[-1]) + 1, len(index)
-    if N % U == 0 and torch.equal(index, torch.arange(U).repeat_interleave(N // U)):
+    if N % U == 0 and torch.equal(index, torch.arange(U, device=index.device).repeat_interleave(N // U)):
         return lambda x: x.unsqueeze(1).expand(U, N // U, *x.shape[1:]).reshape(N, *x.shape[1:])
     return lambda x: x.index_select(0, index)
 

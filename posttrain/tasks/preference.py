@@ -379,10 +379,10 @@ def chatty_sft_rows(
     probability ``padded`` ("The answer is 47."), a refusal with probability ``refusal``,
     else the bare number.
 
-    A model fine-tuned on them is correct as often as one fine-tuned on bare answers but
-    loses gold to padding and refusals: the start from which RLHF against a reward model
-    trained on :func:`preference_rows` (which prefers concise answers and answers over
-    refusals) has gold to win. No held-out problem is used.
+    A model fine-tuned on them pads and refuses as its demonstrators did and loses gold for
+    it: the start from which RLHF against a reward model trained on :func:`preference_rows`
+    (which prefers concise answers, and answers to refusals) has gold to win. No held-out
+    problem is used.
     """
     if not (0.0 <= padded and 0.0 <= refusal and padded + refusal <= 1.0):
         raise ValueError(f"padded and refusal must be shares with a sum <= 1 (got {padded}, {refusal})")

@@ -129,10 +129,8 @@ SEED = 0
 # START: SFT of the random-init model (constant lr after a short warm-up; see the module docstring).
 SFT = {"lr": 2e-3, "betas": (0.9, 0.98), "batch_size": 64, "warmup_steps": 20, "max_length": 64}
 SFT_STEPS = {"tiny": 400, "small": 100}
-DEFAULT_STEPS = {
-    "tiny": 60,
-    "small": 5,
-}  # measured steps N of the speed runs (tiny: ~5 s, 20 steps swung by 10%)
+# Measured steps N of the speed runs: tiny's 60 take ~5 s (20 took 1.6 s and swung by 10% between repeats).
+DEFAULT_STEPS = {"tiny": 60, "small": 5}
 PROMPT_CHECK = 64  # prompts whose token ids are compared between the frameworks
 
 VARIANTS: dict[str, dict] = {

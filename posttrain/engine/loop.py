@@ -147,9 +147,12 @@ def make_accelerator(precision: str):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard. Fused (one
-    kernel for all parameters, as transformers' Trainer defaults to) where every parameter is a float
-    tensor on CPU or CUDA: on a 1M model's CPU step that is 0.4 ms instead of 1.6 ms."""
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
+
+    Not fused: torch's fused AdamW is faithful (parameters within 1e-6 of this one after 30 steps of a
+    1M model) and saves ~1.3 ms per step there, but runs of these tiny models are chaotic enough that the
+    1e-7 differences change where an SFT run ends (held-out 0.42 vs 0.33 from the same data), and the
+    end-to-end tests' thresholds were set on this optimiser's trajectories (see the issue notes)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters")
@@ -157,11 +160,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = all(
-        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
-        for p in params
-    )
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def micro_batches_per_process(cfg: TrainConfig, world: int) -> int:

@@ -8,6 +8,7 @@ import torch
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ConfigError
+from posttrain.hf_compat import enable_activation_checkpointing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -53,7 +54,7 @@ def load_model(cfg: ModelConfig, *, trainable: bool = True):
         raise ConfigError(f"cannot load model {cfg.path!r}: {e}") from None
     model.config.use_cache = False  # training: a KV cache only costs memory (and disables packed masks)
     if cfg.gradient_checkpointing and trainable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if cfg.lora is not None:
             model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph
     if cfg.lora is not None:

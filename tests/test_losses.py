@@ -417,7 +417,8 @@ def test_reward_loss_matches_hand_formula():
     got = reward_loss(c, r, margin=m)
     want = [-lsig(a - b - mm) for a, b, mm in zip(c.tolist(), r.tolist(), m.tolist())]
     assert got.tolist() == pytest.approx(want, rel=1e-12)
-    assert reward_loss(c, r, margin=0.5).tolist() == pytest.approx([-lsig(a - b - 0.5) for a, b in zip(c, r)])
+    want = [-lsig(a - b - 0.5) for a, b in zip(c.tolist(), r.tolist())]
+    assert reward_loss(c, r, margin=0.5).tolist() == pytest.approx(want, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 from posttrain.algorithms import preference
 from posttrain.data.batching import collate as collate_examples
 from posttrain.data.templates import encode_prompt_completion, to_example
+from posttrain.hf_compat import enable_activation_checkpointing
 from posttrain.losses import reward_loss
 from posttrain.models import DTYPES, _check_source, is_peft
 
@@ -111,7 +112,7 @@ def load_model(cfg_model) -> RewardModel:
             rm.tokenizer,
         )  # fmt: skip
     if cfg_model.gradient_checkpointing:
-        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(rm.model)
     return rm
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from posttrain.data.templates import IGNORE_INDEX
+from posttrain.hf_compat import cache_inputs, is_activation_checkpointing, output_cache
 from posttrain.rollout.engine import Completion, forward_last
 
 
@@ -154,7 +155,7 @@ def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden
         and rows is not None
         and len(rows) < len(input_ids)
         and C > 0
-        and not _checkpointing(model)  # HF drops the cache under activation checkpointing
+        and not is_activation_checkpointing(model)  # HF drops the cache under activation checkpointing
     )
     if not shared:
         out = forward_last(
@@ -167,7 +168,7 @@ def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden
         model, 1, input_ids=input_ids[rows, :P], attention_mask=mask[rows, :P],
         position_ids=positions[rows, :P], use_cache=True, output_hidden_states=hidden,
     )  # fmt: skip
-    cache = head.past_key_values
+    cache = output_cache(head)
     gather = _row_gather(index)
     _gather_cache(cache, index, gather)
     first = gather(head.logits[:, -1:])  # [N, 1, V]: predicts completion token 0
@@ -175,7 +176,7 @@ def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden
         return first, gather(head.hidden_states[-1][:, P - 1 :]) if hidden else None
     tail = model(
         input_ids=input_ids[:, P : P + C - 1], attention_mask=mask[:, : P + C - 1],
-        position_ids=positions[:, P : P + C - 1], past_key_values=cache, use_cache=True,
+        position_ids=positions[:, P : P + C - 1], **cache_inputs(model, cache), use_cache=True,
         output_hidden_states=hidden,
     )  # fmt: skip
     logits = torch.cat([first, tail.logits], 1)
@@ -209,11 +210,3 @@ def _gather_cache(cache, index: Tensor, gather) -> None:
     for layer in layers:
         if layer.get_seq_length() > 0:
             layer.keys, layer.values = gather(layer.keys), gather(layer.values)
-
-
-def _checkpointing(model) -> bool:
-    net = getattr(model, "module", model)  # a DDP wrapper hides the flag
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new name, then old
-        if hasattr(type(net), flag) or hasattr(net, flag):
-            return bool(getattr(net, flag))
-    return False

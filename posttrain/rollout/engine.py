@@ -27,6 +27,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from posttrain.hf_compat import cache_inputs, output_cache
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -183,7 +185,7 @@ class HFEngine:
         out = forward_last(
             self.model, 1, input_ids=ids_PL, attention_mask=mask_PL, position_ids=pos_PL, use_cache=True
         )
-        cache, logits_BV, mask_BL = out.past_key_values, out.logits[:, -1], mask_PL
+        cache, logits_BV, mask_BL = output_cache(out), out.logits[:, -1], mask_PL
         if n > 1:
             try:
                 cache.batch_repeat_interleave(n)
@@ -239,10 +241,10 @@ class HFEngine:
                 input_ids=token_A[:, None],
                 attention_mask=mask_BL,
                 position_ids=next_pos_B1,
-                past_key_values=cache,
+                **cache_inputs(self.model, cache),
                 use_cache=True,
             )
-            cache, logits_BV = out.past_key_values, out.logits[:, -1]
+            cache, logits_BV = output_cache(out), out.logits[:, -1]
             next_pos_B1 = next_pos_B1 + 1
 
         tokens = tokens_BT[:, :steps].tolist()

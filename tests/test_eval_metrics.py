@@ -188,7 +188,7 @@ def test_weighted_kappa_by_hand():
 
 
 def test_kappa_against_sklearn():
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    import sklearn.metrics as sklearn_metrics
     rng = np.random.default_rng(1)
     a = rng.integers(0, 4, 300)
     b = np.clip(a + rng.integers(-1, 2, 300), 0, 3)
@@ -249,3 +249,10 @@ def test_refusal_rates():
     assert rates.benign.low <= 0.25 <= rates.benign.high
     none_benign = refusal_rates([True], [True])
     assert math.isnan(none_benign.benign.rate) and none_benign.benign.n == 0
+
+
+def test_pass_at_k_is_importable_from_posttrain_eval_as_design_promises():
+    from posttrain.eval import pass_at_k as stable
+
+    assert stable(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert stable(10, 3, 1) == pytest.approx(0.3)

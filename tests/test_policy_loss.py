@@ -340,7 +340,6 @@ def trl_grpo(loss_type, logps, old, adv, mask, *, eps_low, eps_high, max_len, re
 @pytest.mark.parametrize("aggregation", POLICY_AGGREGATIONS)
 @pytest.mark.parametrize("clip_high", [0.2, 0.28])
 def test_policy_loss_matches_trl_grpo(aggregation, clip_high):
-    pytest.importorskip("trl")
     for seed in (0, 1):
         logps, old, adv, mask = random_batch(seed)
         theirs, trl_metrics = trl_grpo(
@@ -355,7 +354,6 @@ def test_policy_loss_matches_trl_grpo(aggregation, clip_high):
 
 
 def test_k3_matches_trl_grpo_kl():
-    pytest.importorskip("trl")
     logps, old, adv, mask = random_batch(2)
     ref = old + 0.3 * torch.sin(torch.arange(old.numel(), dtype=torch.float64)).view_as(old)
     _, trl_metrics = trl_grpo(

@@ -89,7 +89,6 @@ def test_flatten_config():
     assert flatten(CONFIG) == {"algorithm": "sft", "train.lr": 1e-3, "train.batch_size": 4, "model.path": "m"}
 
 
-@pytest.mark.skipif(not trackers.available("tensorboard"), reason="tensorboard not installed")
 def test_tensorboard_writes_events(tmp_path):
     (t,) = make_trackers(["tensorboard"], tmp_path, CONFIG)
     t.log(1, {"loss": 1.0})
@@ -97,7 +96,6 @@ def test_tensorboard_writes_events(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="mlflow not installed")
 def test_mlflow_logs_to_a_local_file_store_and_resumes(tmp_path, monkeypatch):
     import mlflow
 
@@ -121,7 +119,6 @@ def test_mlflow_logs_to_a_local_file_store_and_resumes(tmp_path, monkeypatch):
     assert run.data.metrics["eval/pass_1"] == 0.25 and run.data.params["train.lr"] == "0.001"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed")
 def test_wandb_logs_offline(tmp_path, monkeypatch):
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(var, raising=False)

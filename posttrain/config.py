@@ -160,27 +160,25 @@ class TrainConfig(Section):
             raise ValueError(str(e)) from None
 
 
+# The options of the preference kinds. Each kind takes the ones its loss function declares (its keyword-only
+# arguments in posttrain.losses, with their defaults there, once); an option the chosen kind does not take
+# is a config error, and the resolved config holds the chosen kind's options only.
+KIND_OPTION_FIELDS = ("label_smoothing", "gamma", "tau", "delta")
+
+
 class PreferenceOptions(Section):
     """DPO family (section `dpo`, also read by `algorithm: orpo` and `algorithm: simpo`)."""
 
     kind: str = Field(
         "sigmoid", description="Loss kind: sigmoid (DPO), ipo, hinge, robust, ..., simpo, orpo."
     )
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        from posttrain.losses import kind_options
-
-        kind_options(kind)  # raises with the list of kinds and a did-you-mean
-        return kind
-
     beta: float = Field(0.1, gt=0, description="Inverse temperature of the implicit reward (KL strength).")
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Assumed label noise (cDPO, robust, exo_pair)."
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5, description="Assumed label noise (sigmoid = cDPO, robust, exo_pair, aot, simpo)."
     )
-    gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
-    tau: float = Field(0.05, gt=0, description="DiscoPOP's temperature.")
+    gamma: float | None = Field(None, ge=0, description="SimPO's target reward margin.")
+    tau: float | None = Field(None, gt=0, description="DiscoPOP's temperature.")
+    delta: float | None = Field(None, description="BCO's reward shift.")
     sft_weight: float = Field(
         0.0,
         ge=0,
@@ -188,11 +186,42 @@ class PreferenceOptions(Section):
     )
     ref_model: str | None = Field(None, description="Reference model path; default: the model as loaded.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_the_kind(cls, raw):
+        """Fill in the chosen kind's option defaults; refuse options it does not take."""
+        if not isinstance(raw, dict):
+            return raw
+        from posttrain.losses import kind_option_defaults
+
+        kind = raw.get("kind", "sigmoid")
+        defaults = kind_option_defaults(kind)  # an unknown kind: the list of kinds and a did-you-mean
+        wrong = [k for k in KIND_OPTION_FIELDS if raw.get(k) is not None and k not in defaults]
+        if wrong:
+            takes = ", ".join(["beta", *defaults, "sft_weight", "ref_model"])
+            raise ValueError(f"kind {kind!r} does not take {', '.join(wrong)}; {kind!r} takes: {takes}")
+        return {**defaults, **{k: v for k, v in raw.items() if v is not None or k not in defaults}}
+
+    @model_validator(mode="after")
+    def _options_in_range(self) -> PreferenceOptions:
+        """The loss function checks its own options (exo_pair's ε > 0, DiscoPOP's τ, ...): ask it now, on
+        one dummy pair, so that a bad value is a config error at load time, not a crash at the first step
+        after the reference pass."""
+        import torch
+
+        from posttrain.losses import REFERENCE_FREE_KINDS, preference_loss
+
+        zero, one = torch.zeros(1), torch.ones(1)
+        ref = () if self.kind in REFERENCE_FREE_KINDS else (zero, zero)
+        lengths = {"chosen_lengths": one, "rejected_lengths": one}
+        preference_loss(self.kind, -one, -one, *ref, beta=self.beta, **self.kind_options(**lengths))
+        return self
+
     def kind_options(self, **lengths) -> dict:
         """The options `preference_loss` takes for this kind (lengths only where used)."""
         from posttrain.losses import kind_options
 
-        values = {"label_smoothing": self.label_smoothing, "gamma": self.gamma, "tau": self.tau, **lengths}
+        values = {k: getattr(self, k) for k in KIND_OPTION_FIELDS} | lengths
         return {k: values[k] for k in kind_options(self.kind)}
 
 
@@ -339,6 +368,16 @@ PREFERENCE_PRESETS = {
     "simpo": {"kind": "simpo", "beta": 2.0},
 }
 ALGORITHMS = ("sft", "reward", "kto", *PREFERENCE_PRESETS, *ONLINE)
+# The sections an algorithm reads besides model, data, train and monitor. A section of another algorithm
+# in a config is an error (it would be ignored), and the resolved config.yaml holds the stage's own only.
+OWN_SECTIONS: dict[str, tuple[str, ...]] = {
+    "sft": (),
+    "reward": ("reward",),
+    "kto": ("kto",),
+    **dict.fromkeys(PREFERENCE_PRESETS, ("dpo",)),
+    **dict.fromkeys(ONLINE, ("rollout", "rl")),
+}
+COMMON_SECTIONS = ("algorithm", "out", "model", "data", "train", "monitor")
 
 
 class RunConfig(Section):
@@ -364,6 +403,17 @@ class RunConfig(Section):
         if not isinstance(raw, dict):
             return raw
         algorithm = raw.get("algorithm")
+        own = OWN_SECTIONS.get(algorithm)
+        foreign = [k for k in raw if own is not None and k not in COMMON_SECTIONS and k not in own]
+        known = [k for k in foreign if any(k in sections for sections in OWN_SECTIONS.values())]
+        if known:
+            users = {k: sorted(a for a, s in OWN_SECTIONS.items() if k in s) for k in known}
+            raise ValueError(
+                "; ".join(f"section '{k}' is for algorithm {', '.join(users[k])}" for k in known)
+                + f", not {algorithm!r}, which reads "
+                + ", ".join(COMMON_SECTIONS[2:] + own)
+                + " (remove it, or change `algorithm`)"
+            )
         presets = [("dpo", PREFERENCE_PRESETS.get(algorithm))]
         if algorithm in RL_PRESETS:
             presets += [("rl", RL_PRESETS[algorithm]), ("train", ONLINE_TRAIN_DEFAULTS)]
@@ -435,8 +485,12 @@ def apply_override(raw: dict, item: str) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML, every default filled in (written to run_dir/config.yaml)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, every default filled in (written to run_dir/config.yaml): the stage's
+    own sections only, and of the `dpo` section the chosen kind's options only."""
+    raw = cfg.model_dump(mode="json", include={*COMMON_SECTIONS, *OWN_SECTIONS[cfg.algorithm]})
+    if "dpo" in raw:
+        raw["dpo"] = {k: v for k, v in raw["dpo"].items() if not (k in KIND_OPTION_FIELDS and v is None)}
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _explain(err: ValidationError, root: type[BaseModel]) -> list[str]:
@@ -455,6 +509,8 @@ def _explain(err: ValidationError, root: type[BaseModel]) -> list[str]:
             lines.append(f"  unknown key '{key}'{hint}")
         elif e["type"] == "missing":
             lines.append(f"  missing required key '{key}'")
+        elif e["type"] == "value_error":  # our own checks: the message says it all
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return lines

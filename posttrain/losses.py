@@ -21,6 +21,7 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,7 @@ class _Kind:
     fn: Callable[..., Tensor]
     needs_ref: bool
     lengths: str  # "none" | "optional" | "required"
-    options: tuple[str, ...]  # the keyword-only arguments of fn
+    options: dict[str, Any]  # the keyword-only arguments of fn, with their defaults
 
 
 _KINDS: dict[str, _Kind] = {}
@@ -166,7 +167,7 @@ def _kind(name: str, *, needs_ref: bool = True, lengths: str = "none"):
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         params = inspect.signature(fn).parameters.values()
-        options = tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        options = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         _KINDS[name] = _Kind(fn, needs_ref, lengths, options)
         return fn
 
@@ -580,10 +581,22 @@ REFERENCE_FREE_KINDS: frozenset[str] = frozenset(k for k, spec in _KINDS.items()
 def kind_options(kind: str) -> tuple[str, ...]:
     """The keyword options `preference_loss(kind, ...)` takes, with the lengths where the kind
     requires them (optional lengths change the maths, e.g. IPO, so they are never implied)."""
+    spec = _kind_spec(kind)
+    return tuple(spec.options) + (
+        ("chosen_lengths", "rejected_lengths") if spec.lengths == "required" else ()
+    )
+
+
+def kind_option_defaults(kind: str) -> dict[str, Any]:
+    """The kind's own options (label_smoothing, gamma, tau, delta, ...) and their defaults: each kind
+    declares its options once, in its function's signature; the `dpo` config section is checked against it."""
+    return dict(_kind_spec(kind).options)
+
+
+def _kind_spec(kind: str) -> _Kind:
     if kind not in _KINDS:
         raise ValueError(_unknown("preference loss kind", kind, PREFERENCE_KINDS, _RENAMED.get(kind)))
-    spec = _KINDS[kind]
-    return spec.options + (("chosen_lengths", "rejected_lengths") if spec.lengths == "required" else ())
+    return _KINDS[kind]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,3 +79,47 @@ EXAMPLES = sorted(p for p in Path(__file__).parents[1].glob("examples/*.yaml") i
 def test_example_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.algorithm and cfg.out
+
+
+def test_an_option_the_kind_does_not_take_is_an_error_naming_what_it_takes():
+    dpo = BASE | {"algorithm": "dpo"}
+    with pytest.raises(ConfigError) as e:  # was accepted, and the smoothing dropped silently
+        load_config(dpo | {"dpo": {"kind": "ipo", "label_smoothing": 0.2}})
+    assert "kind 'ipo' does not take label_smoothing; 'ipo' takes: beta, sft_weight, ref_model" in str(
+        e.value
+    )
+    with pytest.raises(ConfigError, match="'sigmoid' takes: beta, label_smoothing, sft_weight"):
+        load_config(dpo | {"dpo": {"gamma": 1.0}})
+    # an out-of-range option is caught at load time by the loss function itself, not at the first step
+    with pytest.raises(ConfigError, match="exo_pair' needs label_smoothing > 0"):
+        load_config(dpo | {"dpo": {"kind": "exo_pair"}})
+    simpo = load_config(dpo | {"dpo": {"kind": "simpo", "gamma": 0.3}}).dpo
+    assert simpo.kind_options(chosen_lengths=1, rejected_lengths=1) == {
+        "gamma": 0.3, "label_smoothing": 0.0, "chosen_lengths": 1, "rejected_lengths": 1,
+    }  # fmt: skip
+    bco = load_config(dpo | {"dpo": {"kind": "bco_pair"}}).dpo
+    assert bco.kind_options() == {"delta": 0.0}  # the loss's own default, declared once
+
+
+@pytest.mark.parametrize(
+    "algorithm, section, users",
+    [("sft", "rl", "dapo, dr_grpo, grpo, ppo, reinforce_pp, rloo"), ("sft", "dpo", "dpo, orpo, simpo"),
+     ("grpo", "kto", "kto"), ("dpo", "rollout", "dapo, dr_grpo")],
+)  # fmt: skip
+def test_a_section_of_another_algorithm_is_an_error(algorithm, section, users):
+    with pytest.raises(ConfigError, match=f"section '{section}' is for algorithm {users}.*not '{algorithm}'"):
+        load_config(BASE | {"algorithm": algorithm, section: {}})
+
+
+def test_the_resolved_config_holds_the_stages_own_sections_and_the_kinds_own_options():
+    import yaml
+
+    def sections(algorithm, **extra):
+        return set(yaml.safe_load(dump_config(load_config(BASE | {"algorithm": algorithm, **extra}))))
+
+    common = {"algorithm", "out", "model", "data", "train", "monitor"}
+    assert sections("sft") == common
+    assert sections("dpo") == common | {"dpo"} and sections("kto") == common | {"kto"}
+    assert sections("grpo") == sections("ppo") == common | {"rollout", "rl"}
+    ipo = yaml.safe_load(dump_config(load_config(BASE | {"algorithm": "dpo", "dpo": {"kind": "ipo"}})))
+    assert set(ipo["dpo"]) == {"kind", "beta", "sft_weight", "ref_model"}

@@ -189,6 +189,7 @@ def test_weighted_kappa_by_hand():
 
 def test_kappa_against_sklearn():
     import sklearn.metrics as sklearn_metrics
+
     rng = np.random.default_rng(1)
     a = rng.integers(0, 4, 300)
     b = np.clip(a + rng.integers(-1, 2, 300), 0, 3)

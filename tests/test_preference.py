@@ -59,11 +59,37 @@ def test_dpo_first_step_loss_is_log2_and_ref_is_cached(task, tmp_path):
     assert len(cache["refs"]) == 3 * 16  # only the pairs the 3 steps use were scored
 
 
-@pytest.mark.parametrize(
-    "kind, expected", [("ipo", (0 - 1 / (2 * 0.1)) ** 2), ("hinge", 1.0), ("apo_zero", 1.0)]
-)
-def test_other_kinds_at_step_zero(task, tmp_path, kind, expected):
-    cfg = config(task, tmp_path / kind, max_steps=1) | {"dpo": {"kind": kind}}
+LN2, BETA = math.log(2), 0.1
+# Each reference-based kind's loss where the policy IS the reference (every log-ratio 0), from its formula
+# in the paper at h = Δ_c = Δ_r = 0, β = 0.1; the options are set from the config as a user would.
+AT_STEP_ZERO = {
+    "sigmoid": ({}, LN2),
+    "sigmoid_norm": ({}, LN2),
+    "ipo": ({}, (0 - 1 / (2 * BETA)) ** 2),
+    "hinge": ({}, 1.0),
+    "robust": ({"label_smoothing": 0.1}, LN2),  # (−0.9·log σ(0) + 0.1·log σ(0)) / 0.8
+    "exo_pair": ({"label_smoothing": 1e-3}, -LN2 - 0.5 * math.log(0.999 * 1e-3)),
+    "bco_pair": ({"delta": 0.0}, 2 * LN2),  # crashed with KeyError: 'delta' before
+    "sppo_hard": ({}, 2 * (1 / (2 * BETA)) ** 2),
+    "nca_pair": ({}, 2 * LN2),
+    "apo_zero": ({}, 1.0),
+    "apo_down": ({}, 1.0),
+    "aot": ({"label_smoothing": 0.2}, LN2),
+    "aot_unpaired": ({}, LN2),
+    "discopop": ({"tau": 0.05}, 0.5 * LN2 + 0.5),  # m = σ(0) = ½: ½·log 2 + ½·exp(0)
+}
+
+
+def test_every_kind_is_checked_at_step_zero():
+    from posttrain.losses import PREFERENCE_KINDS, REFERENCE_FREE_KINDS
+
+    assert set(AT_STEP_ZERO) == set(PREFERENCE_KINDS) - set(REFERENCE_FREE_KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(AT_STEP_ZERO))
+def test_every_kind_trains_a_step_from_a_config(task, tmp_path, kind):
+    options, expected = AT_STEP_ZERO[kind]
+    cfg = config(task, tmp_path / kind, max_steps=1, batch_size=8) | {"dpo": {"kind": kind, **options}}
     assert first_loss(train(cfg).run_dir) == pytest.approx(expected, rel=1e-5)
 
 

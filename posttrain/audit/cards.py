@@ -59,7 +59,10 @@ COMMON_KEYS = (
     "train.epochs", "train.weight_decay", "train.max_grad_norm", "train.precision", "train.seed",
 )  # fmt: skip
 FAMILY_KEYS = {
-    "dpo": ("dpo.kind", "dpo.beta", "dpo.label_smoothing", "dpo.gamma", "dpo.sft_weight", "dpo.ref_model"),
+    "dpo": (
+        "dpo.kind", "dpo.beta", "dpo.label_smoothing", "dpo.gamma", "dpo.tau", "dpo.delta", "dpo.sft_weight",
+        "dpo.ref_model",
+    ),  # a kind's options are in config.yaml only when the kind takes them
     "reward": ("reward.margin", "reward.center_coef"),
     "kto": ("kto.beta", "kto.desirable_weight", "kto.undesirable_weight"),
     "online": (
@@ -133,8 +136,6 @@ def key_hyperparameters(config: Mapping) -> dict[str, Any]:
             continue
         if key == "train.epochs" and _get(config, "train.max_steps") is not None:
             continue  # max_steps overrides epochs
-        if key == "dpo.gamma" and _get(config, "dpo.kind") != "simpo":
-            continue  # SimPO's margin only
         out[key] = value
     return out
 

@@ -473,7 +473,7 @@ def child_prepare(spec: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.data.io import write_jsonl
-    from posttrain.rollout.source import encode_prompts
+    from posttrain.data.templates import encode_prompts
     from posttrain.tasks import arithmetic
     from posttrain.tasks.tiny import build_tiny
     from posttrain.train import train
@@ -527,7 +527,9 @@ def child_prepare(spec: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start)
     before = make_evaluator(tokenizer, str(files["eval"]))(model)
-    _, ids = encode_prompts(tokenizer, read_jsonl(str(files["prompts"]))[:PROMPT_CHECK])
+    _, ids = encode_prompts(
+        tokenizer, [r["prompt"] for r in read_jsonl(str(files["prompts"]))[:PROMPT_CHECK]]
+    )
     return {
         "start": start,
         "prompts": str(files["prompts"]),

@@ -43,13 +43,13 @@ DEFAULT_PRINCIPLES = Path(__file__).parent / "generate_data" / "principles.yaml"
 def model_sampler(model_path: str, sampling: Sampling, *, batch_size: int | None = None) -> Sampler:
     """A sampler generating with the model at ``model_path`` (GPU when there is one); message-list
     prompts go through its chat template with the generation prompt."""
+    from posttrain.data.templates import encode_prompts
     from posttrain.eval.suite import load_engine
-    from posttrain.rollout.source import encode_prompts
 
     engine, tokenizer = load_engine(model_path, batch_size=batch_size)
 
     def sample(prompts: list[Prompt], n: int) -> list[list[str]]:
-        _, ids = encode_prompts(tokenizer, [{"prompt": p} for p in prompts])
+        _, ids = encode_prompts(tokenizer, prompts)
         groups = engine.generate(ids, n, sampling)
         truncated = sum(c.finish_reason == "length" for g in groups for c in g)
         if groups and truncated == sum(len(g) for g in groups):

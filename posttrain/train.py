@@ -205,13 +205,13 @@ def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool =
 def prompt_rows(paths: list[str], tokenizer, cfg: RunConfig) -> tuple[list[dict], tuple[list, list]]:
     """Validated prompt rows and their `encode_prompts` (texts, token ids); a prompt that leaves no room
     for max_new_tokens within max_length is an error naming its file and line."""
-    from posttrain.rollout.source import encode_prompts
+    from posttrain.data.templates import encode_prompts
 
     rows, texts, token_ids, errors = [], [], [], []
     room = cfg.data.max_length - cfg.rollout.max_new_tokens
     for path in paths:
         located = load_rows(path, "prompt")
-        rendered, ids = encode_prompts(tokenizer, [row for _, row in located])
+        rendered, ids = encode_prompts(tokenizer, [row["prompt"] for _, row in located])
         for (loc, row), text, prompt in zip(located, rendered, ids):
             if len(prompt) > room:
                 errors.append(
@@ -276,12 +276,12 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
 
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = rows[rank::world]
-    texts, ids = encoded[0][rank::world], encoded[1][rank::world]
+    ids = encoded[1][rank::world]
     greedy = Sampling(max_new_tokens=cfg.rollout.max_new_tokens, temperature=0, stop=tuple(cfg.rollout.stop))
 
     def evaluate(model) -> dict[str, float]:
         completions = [g[0] for g in engine.generate(ids, 1, greedy)]
-        scores = score_completions(reward, texts, mine, completions)
+        scores = score_completions(reward, mine, completions)
         total = torch.tensor(scores.total, dtype=torch.float32)
         sums = torch.tensor(
             [

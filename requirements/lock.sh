@@ -20,7 +20,10 @@ CUSTOM_COMPILE_COMMAND="bash requirements/lock.sh" pip-compile --quiet --extra t
   echo "# Regenerate: bash requirements/lock.sh (pip-tools installed), review the diff, run bash .ci/run."
   echo "# The newest releases, without this lock: bash .ci/run --latest"
   # a local build label (torch 2.13.0+cpu) is dropped: torch==2.13.0 is what a CPU or CUDA index both satisfy
+  # The project itself appears (its extras name posttrain[...]) as a file:// path of this checkout: never
+  # pinned, it is installed with -e; its line and the comment lines under it go.
   sed -e 's/^\(torch==[0-9.]*\)+[a-z0-9]*/\1/' -e "s#-c $pins#the torch pin of requirements/lock.sh#" \
-    requirements/cpu.lock.new
+    requirements/cpu.lock.new | awk '/^posttrain @ /{skip=1; next} skip && /^ /{next} {skip=0; print}'
+
 } >requirements/cpu.lock
 rm requirements/cpu.lock.new

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from posttrain.cli import main
+from posttrain.data.templates import encode_prompts
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.metrics import pass_at_k, refusal_rates
 from posttrain.eval.suite import bundled_suites, evaluate, format_table, load_suite, write_results
 from posttrain.rollout.engine import Completion
-from posttrain.rollout.source import encode_prompts
 from posttrain.tasks.tiny import build_tiny, build_tokenizer
 
 TOK = build_tokenizer()
@@ -32,7 +32,7 @@ class TableEngine:
     """Sample s of prompt p is ``answer(p, s)``; prompts are found by their token ids."""
 
     def __init__(self, rows, answer):
-        _, ids = encode_prompts(TOK, rows)
+        _, ids = encode_prompts(TOK, [r["prompt"] for r in rows])
         self.index = {tuple(x): i for i, x in enumerate(ids)}
         self.answer = answer
         self.calls = []

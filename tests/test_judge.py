@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from posttrain.data.templates import encode_prompts
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.judge import (
     Judge,
@@ -21,7 +22,6 @@ from posttrain.eval.judge import (
 from posttrain.eval.metrics import cohen_kappa
 from posttrain.eval.suite import evaluate, load_suite
 from posttrain.rollout.engine import Completion
-from posttrain.rollout.source import encode_prompts
 from posttrain.tasks.tiny import build_tiny, build_tokenizer
 
 RUBRIC = load_rubric("default")
@@ -302,7 +302,7 @@ def test_tiny_model_as_judge_never_crashes(tmp_path):
     )
     rows = [row for _, row in suite.rows()]
     tok = build_tokenizer()
-    _, ids = encode_prompts(tok, rows)
+    _, ids = encode_prompts(tok, [r["prompt"] for r in rows])
     answers = {tuple(x): row["answer"] for x, row in zip(ids, rows)}
 
     class Oracle:  # the policy: answers every prompt correctly

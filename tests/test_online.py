@@ -177,6 +177,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(task, tmp_path):
 
     class Tok:
         pad_token_id = 0
+        bos_token_id = None  # plain strings, no chat template: the prompt's ids are the string's
 
         def __call__(self, texts, add_special_tokens=False):
             return {"input_ids": [[int(t)] for t in texts]}

@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.data.io import write_jsonl
+from posttrain.data.templates import encode_prompts
 from posttrain.rollout.engine import HFEngine, Sampling
-from posttrain.rollout.source import encode_prompts
 from posttrain.tasks import arithmetic, preference
 from posttrain.train import train
 
@@ -33,7 +33,7 @@ def sampled_gold(model_dir, rows, n=4, seed=0) -> dict[str, float]:
         AutoModelForCausalLM.from_pretrained(model_dir),
         AutoTokenizer.from_pretrained(model_dir),
     )
-    _, ids = encode_prompts(tokenizer, rows)
+    _, ids = encode_prompts(tokenizer, [r["prompt"] for r in rows])
     torch.manual_seed(seed)
     groups = HFEngine(model, tokenizer).generate(ids, n, Sampling(max_new_tokens=48, temperature=1.0))
     gold, kinds = [], []

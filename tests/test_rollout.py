@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from posttrain.data.templates import encode_prompts
 from posttrain.eval.generation import generate_greedy
 from posttrain.rollout.buffer import RolloutBuffer, completion_forward
 from posttrain.rollout.engine import Completion, HFEngine, Sampling, _filter_top_k_top_p
-from posttrain.rollout.source import encode_prompts
 from posttrain.tasks import arithmetic
 from posttrain.tasks.tiny import build_tiny
 
@@ -22,7 +22,7 @@ def tiny(tmp_path_factory):
 def prompts(tiny):
     _, tok = tiny
     rows = arithmetic.eval_rows(("add1", "add2", "word2"), n_per_level=4)  # different prompt lengths
-    return rows, encode_prompts(tok, rows)[1]
+    return rows, encode_prompts(tok, [r["prompt"] for r in rows])[1]
 
 
 def test_greedy_matches_transformers_generate(tiny, prompts):
@@ -31,8 +31,20 @@ def test_greedy_matches_transformers_generate(tiny, prompts):
     ours = [
         g[0].text for g in HFEngine(model, tok).generate(ids, 1, Sampling(max_new_tokens=6, temperature=0))
     ]
-    theirs = generate_greedy(model, tok, [r["prompt"] for r in rows], max_new_tokens=6)
+    theirs = []
+    config = GenerationConfig(
+        max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0
+    )
+    for p in ids:  # one prompt at a time: no padding question on transformers' side
+        out = model.generate(
+            torch.tensor([p]), attention_mask=torch.ones(1, len(p)), generation_config=config
+        )
+        new = out[0, len(p) :].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        theirs.append(tok.decode(new, skip_special_tokens=False))
     assert ours == theirs
+    # and the evaluators' greedy helper is that engine call
+    assert generate_greedy(model, tok, [r["prompt"] for r in rows], max_new_tokens=6) == ours
 
 
 def test_sampling_logprobs_are_the_policy_logprobs_of_the_full_sequence(tiny, prompts):

@@ -71,6 +71,12 @@ class RewardModel(nn.Module):
         last = last_token_positions(batch["example_index"], n)
         return self.head(hidden.flatten(0, 1)[last]).squeeze(-1).float()
 
+    @staticmethod
+    def encode(tokenizer, prompt, completion) -> list[int]:
+        """The token ids a (prompt, completion) is scored on: the SFT / DPO row's, the one prompt rule."""
+        prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, completion)
+        return prompt_ids + completion_ids
+
     @torch.no_grad()
     def score(self, prompts: list, completions: list, *, batch_size: int = 64, **_row_fields) -> list[float]:
         """Reward of each (prompt, completion): the RewardFn signature of posttrain.rewards."""
@@ -83,8 +89,7 @@ class RewardModel(nn.Module):
         for i in range(0, len(prompts), batch_size):
             examples = []
             for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size]):
-                prompt_ids, completion_ids = encode_prompt_completion(self.tokenizer, p, c)
-                ids = prompt_ids + completion_ids
+                ids = self.encode(self.tokenizer, p, c)
                 examples.append(to_example(ids, [False] * len(ids)))
             batch = collate_examples(examples, pad_id=self.tokenizer.pad_token_id, packing=False)
             out += self({k: v.to(device) for k, v in batch.items()}).tolist()

@@ -23,7 +23,18 @@ import jinja2
 
 from posttrain.errors import DataError
 
-__all__ = ["Example", "encode_messages", "encode_prompt_completion", "encode_sft_row", "to_example"]
+__all__ = [
+    "Example",
+    "Prompt",
+    "encode_messages",
+    "encode_prompt_completion",
+    "encode_prompts",
+    "encode_sft_row",
+    "render_prompt",
+    "to_example",
+]
+
+Prompt = str | list[dict]
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +254,36 @@ def _include_end_of_turn(tokenizer, ids: list[int], mask: list[bool], template: 
     return mask
 
 
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """The text a policy continues for `prompt`. THE prompt rule, the same in every stage (SFT and DPO rows,
+    reward-model scoring, rollouts, evaluation, generation):
+
+    - a list of messages: the chat template, with the generation prompt;
+    - a string, tokenizer with a chat template: one user turn holding it, the same way;
+    - a string, tokenizer without a chat template: the string itself (`encode_prompts` puts bos before it).
+    """
+    if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        return prompt
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    _chat_template(tokenizer)  # a clear error when there is none
+    return _render(tokenizer, messages, True)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt]) -> tuple[list[str], list[list[int]]]:
+    """`render_prompt` of each prompt and its token ids (one batched tokenizer call): exactly the ids an
+    SFT or DPO row with this prompt starts with (`encode_prompt_completion`)."""
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    if not texts:
+        return [], []
+    ids = [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # templates write bos
+    if not getattr(tokenizer, "chat_template", None):
+        ids = [_bos(tokenizer) + x for x in ids]  # plain strings: bos as for a plain-text SFT row
+    return texts, ids
+
+
 # ---------------------------------------------------------------------------------- prompt/completion
 
 
@@ -253,6 +294,7 @@ def encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], 
       the completion.
     - strings, tokenizer with chat template: [user: prompt] then [assistant: completion].
     - message lists (a string completion becomes one assistant message): the chat template.
+    The prompt part is `encode_prompts`' (the rule of `render_prompt`), so sampling sees what training saw.
     With a chat template the completion ends at the token that closes the last assistant turn (what
     the template appends after it, e.g. ChatML's trailing newline, is never generated, so dropped).
     """
@@ -275,7 +317,7 @@ def _encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int],
     completion_msgs = (
         [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
     )
-    prompt_ids, _ = encode_messages(tokenizer, prompt_msgs, add_generation_prompt=True)
+    prompt_ids = encode_prompts(tokenizer, [prompt])[1][0]  # the one prompt rule
     full_ids, full_mask = encode_messages(tokenizer, prompt_msgs + completion_msgs)
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise DataError(

@@ -386,21 +386,13 @@ class Judge:
     def from_engine(cls, engine, tokenizer, rubric: Rubric | str | Path = "default", *, max_new_tokens=256):
         """A judge generating greedily with ``engine``; each judge prompt is one user turn
         rendered with the tokenizer's chat template (raw text when it has none)."""
+        from posttrain.data.templates import encode_prompts
         from posttrain.rollout.engine import Sampling
 
         sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
 
         def generate(texts: list[str]) -> list[str]:
-            if getattr(tokenizer, "chat_template", None):
-                rendered = [
-                    tokenizer.apply_chat_template(
-                        [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-                    )
-                    for t in texts
-                ]
-            else:
-                rendered = texts
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in rendered]
+            _, ids = encode_prompts(tokenizer, texts)  # the one prompt rule (data/templates.py)
             return [group[0].text for group in engine.generate(ids, 1, sampling)]
 
         return cls(generate, rubric)

@@ -406,11 +406,11 @@ def _sampling(gen: GenerationSpec):
 
 def _run_model(suite: Suite, rows: list[dict], engine, tokenizer, label: str) -> _ModelRun:
     """Generate n samples per prompt with one model and compute its metrics."""
-    from posttrain.rollout.source import encode_prompts
+    from posttrain.data.templates import encode_prompts
 
     cfg, gen = suite.config, suite.config.generation
     P, S = len(rows), gen.n
-    _, prompt_ids = encode_prompts(tokenizer, rows)
+    _, prompt_ids = encode_prompts(tokenizer, [row["prompt"] for row in rows])
     groups = engine.generate(prompt_ids, S, _sampling(gen))
     if len(groups) != P or any(len(g) != S for g in groups):
         raise RuntimeError(f"the engine returned {len(groups)} groups for {P} prompts x {S} samples")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.advantages import AdaptiveKLController, FixedKLController
+from posttrain.data.templates import encode_prompts
 from posttrain.engine.loop import Step
 from posttrain.errors import ConfigError, TrainingError
-from posttrain.eval.generation import render_prompts
 from posttrain.rollout.buffer import RolloutBuffer
 from posttrain.rollout.engine import Completion, HFEngine, Sampling
 
@@ -45,16 +45,12 @@ class Generated:
     metrics: dict[str, float]
 
 
-def encode_prompts(tokenizer, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
-    """Rendered prompt texts (chat template with the generation prompt) and their token ids."""
-    texts = render_prompts(tokenizer, [row["prompt"] for row in rows])
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # one batched call
-    return texts, ids
-
-
-def score_completions(reward, prompts: list[str], rows: list[dict], completions: list[Completion]):
+def score_completions(reward, rows: list[dict], completions: list[Completion]):
     """`reward.score` of completions, each with its prompt row's fields (answer, tests, ...) and the
-    completion's token count and finish reason as row fields."""
+    completion's token count and finish reason as row fields. The reward fns get each prompt as the row
+    holds it (a string or messages), not its rendering: a reward model renders it with its own template,
+    as it saw its training pairs, and a judge reads the question, not template tokens."""
+    prompts = [row["prompt"] for row in rows]
     fields = {k: [row.get(k) for row in rows] for k in rows[0] if k != "prompt"}
     fields["completion_lengths"] = [len(c.token_ids) for c in completions]
     fields["finish_reasons"] = [c.finish_reason for c in completions]
@@ -75,7 +71,8 @@ class RolloutSource:
         accelerator: for the device and cross-process reductions.
         samples_path: where to append samples.jsonl (main process), or None.
         reference: a frozen reference model when rl.kl_coef > 0 (None: no KL).
-        encoded: `encode_prompts(tokenizer, rows)` when the caller has it already.
+        encoded: `encode_prompts(tokenizer, [row["prompt"] for row in rows])` (data/templates.py) when the
+            caller has it already.
     """
 
     def __init__(
@@ -109,7 +106,7 @@ class RolloutSource:
                 f"processes ({self.world})"
             )
         self.local_prompts = self.ro.prompts_per_step // self.world
-        self.prompt_texts, self.prompt_ids = encoded or encode_prompts(tokenizer, rows)
+        self.prompt_texts, self.prompt_ids = encoded or encode_prompts(tokenizer, [r["prompt"] for r in rows])
         self.steps_per_rollout = self.rl.epochs * self.rl.minibatches
         samples = self.local_prompts * self.ro.group_size
         if samples < self.rl.minibatches:
@@ -285,9 +282,8 @@ class RolloutSource:
         missing = {k for i in index for k in self.rows[0] if k not in self.rows[i]}
         if missing:
             raise TrainingError(f"prompt rows differ in their fields ({sorted(missing)} missing in some)")
-        prompts = [self.prompt_texts[i] for i in index for _ in range(G)]
         rows = [self.rows[i] for i in index for _ in range(G)]
-        return score_completions(self.reward, prompts, rows, [c for g in groups for c in g])
+        return score_completions(self.reward, rows, [c for g in groups for c in g])
 
     # ------------------------------------------------------------------ the rollout
 

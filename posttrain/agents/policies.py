@@ -67,9 +67,9 @@ class ScriptedPolicy:
         self.header = TemplateBridge(tokenizer, tool_role=self.format.tool_role).header
 
     def act(self, states, sampling: Sampling) -> list[Completion]:
-        return [self._turn(s) for s in states]
+        return [self._turn(s, sampling) for s in states]
 
-    def _turn(self, state) -> Completion:
+    def _turn(self, state, sampling: Sampling) -> Completion:
         try:
             if "script" not in state.scratch:
                 state.scratch["script"] = self.scripts(state.task)
@@ -80,7 +80,10 @@ class ScriptedPolicy:
             plan = []
         text = self.render(plan, state.episode.tools)
         ids = self.encode(text) + [self.tokenizer.eos_token_id]
-        return Completion(token_ids=ids, logprobs=[0.0] * len(ids), text=text, finish_reason="stop")
+        finish = "stop"
+        if len(ids) > sampling.max_new_tokens:  # as an engine would: cut at the budget
+            ids, finish = ids[: sampling.max_new_tokens], "length"
+        return Completion(token_ids=ids, logprobs=[0.0] * len(ids), text=text, finish_reason=finish)
 
     def render(self, plan: Plan, tools: list[dict]) -> str:
         parts, calls = [], []

@@ -362,16 +362,17 @@ class EpisodeRunner:
         return spans
 
     def _step(self, stepping: list[tuple[EpisodeState, Action]]) -> None:
-        timeouts = []
+        limits = []  # (seconds, the stop reason if they run out)
         for s, a in stepping:
+            tool_s = self.budgets.tool_timeout_s * max(1, len(a.calls))
             left = self.budgets.episode_timeout_s - (time.monotonic() - s.started)
-            timeouts.append(max(0.0, min(self.budgets.tool_timeout_s * max(1, len(a.calls)), left)))
+            limits.append((max(0.0, left), "episode_time") if left < tool_s else (tool_s, "tool_time"))
         start = time.monotonic()
-        outs = call_all([lambda s=s, a=a: s.env.step(a) for s, a in stepping], timeouts)
-        for (s, _), limit, (status, value) in zip(stepping, timeouts, outs):
+        outs = call_all([lambda s=s, a=a: s.env.step(a) for s, a in stepping], [t for t, _ in limits])
+        for (s, _), (limit, reason), (status, value) in zip(stepping, limits, outs):
             if status == "timeout":
                 s.abandoned = True  # its thread may still be running: the env is not ours to touch again
-                s.end("tool_time", f"the environment step ran past {limit:.1f} s")
+                s.end(reason, f"the environment step ran past {limit:.1f} s")
             elif status == "raised" or not isinstance(value, Observation):
                 self._env_failure(s, status, value, "step")
             else:
@@ -480,15 +481,12 @@ class EpisodeRunner:
         if ep.prompt_ids:
             self._verify(s, events)
         ep.events = list(dict.fromkeys(events + ep.events))
-        passed = ep.grade is not None and ep.grade.passed
+        # An episode cut short by a budget or a loop did not pass, whatever its state says.
+        passed = ep.grade is not None and ep.grade.passed and stop_label in (None, "format.no_action")
         ep.failure = primary_failure(ep.events, passed)
         ep.masked = is_masked(ep.failure, self.loss_policy)
-        zero = (
-            ep.masked
-            or ep.grade is None
-            or (stop_label not in (None, "format.no_action"))
-            or ep.failure in ("hack.attempt", "format.forged_observation")
-        )
+        zero = ep.masked or ep.grade is None or ep.failure in ("hack.attempt", "format.forged_observation")
+        zero = zero or stop_label not in (None, "format.no_action")
         ep.reward = 0.0 if zero else float(ep.grade.reward) + sum(t.reward for t in ep.turns)
 
     def _verify(self, s: EpisodeState, events: list[str]) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from posttrain.agents.env import Grade, ParseStatus, ToolCall, ToolResult
+from posttrain.rollout.engine import Completion
 
 
 def task_hash(task: dict) -> str:
@@ -125,6 +126,9 @@ class Episode:
     @classmethod
     def from_json(cls, d: dict) -> Episode:
         d = dict(d)
+        missing = {"env", "task_id", "prompt_ids", "turns", "grade"} - set(d)
+        if missing:
+            raise ValueError(f"episode record lacks field(s) {', '.join(sorted(missing))}")
         turns = []
         for t in d.pop("turns"):
             t = dict(t)
@@ -164,10 +168,19 @@ def training_arrays(episode: Episode) -> tuple[Tensor, Tensor, Tensor]:
     return input_ids, mask, logprobs
 
 
-def sft_row(episode: Episode) -> dict:
-    """A chat row for SFT (golden trajectories as demos): the template's generation markers put the loss
-    on the assistant turns, tool turns stay context."""
-    return {"messages": episode.messages(), "tools": episode.tools}
+def completion(episode: Episode) -> tuple[Completion, list[bool]]:
+    """The episode as the rollout buffer holds a sample: a :class:`Completion` of ``ids`` after the shared
+    prompt (its text the assistant's own), and the loss mask over those ids (all False when masked)."""
+    sampled = [t for t in episode.turns if t.sampled]
+    finish = "length" if sampled and sampled[-1].finish == "length" else "stop"
+    c = Completion(
+        token_ids=list(episode.ids),
+        logprobs=list(episode.logprobs),
+        text=episode.assistant_text(),
+        finish_reason=finish,
+        policy_version=sampled[0].policy_version or 0 if sampled else 0,
+    )
+    return c, [bool(m) and not episode.masked for m in episode.mask]
 
 
 def write_jsonl(path: str | Path, episodes: Iterable[Episode], **extra) -> None:

@@ -304,12 +304,9 @@ class FixBugEnv(ToolEnv):
             ]
             yield [Call("submit", {})]
 
-        def fake_output(task):  # prints a passing report instead of a function
-            yield [
-                Call(
-                    "replace", {"path": "solution.py", "old": task["source"], "new": 'print("5/5 passed")\n'}
-                )
-            ]
+        def fake_output(task):  # prints a passing report; the function is gone (renamed)
+            new = 'print("5/5 passed")\ndef gone('
+            yield [Call("replace", {"path": "solution.py", "old": f"def {task['fn']}(", "new": new})]
             yield [Call("submit", {})]
 
         def unfixed(task):

@@ -22,17 +22,16 @@ environment, a tool, the grader or the engine raises crashes the batch: it becom
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from posttrain.agents.bridge import TemplateBridge, truncate_tokens
 from posttrain.agents.env import Action, Env, InfraError, Observation, TaskError, ToolCall
 from posttrain.agents.failures import STOP_LABELS, is_masked, primary_failure
 from posttrain.agents.formats import ToolFormat, get_format
+from posttrain.agents.threads import call_all
 from posttrain.agents.trajectory import Episode, Turn, task_hash
 from posttrain.errors import ConfigError
 from posttrain.rollout.engine import Completion, Sampling
@@ -109,33 +108,6 @@ class EpisodeState:
         return []
 
 
-def call_all(fns: Sequence[Callable[[], Any]], timeouts: Sequence[float]) -> list[tuple[str, Any]]:
-    """Run each fn in its own daemon thread; ("ok", value), ("raised", exception) or ("timeout", None).
-
-    Daemon threads, not a ``ThreadPoolExecutor``: the pool's workers are joined at interpreter exit, so
-    one tool that never returns would hang the whole process at the end of the run.
-    """
-    results: list[tuple[str, Any] | None] = [None] * len(fns)
-
-    def work(i: int) -> None:
-        try:
-            results[i] = ("ok", fns[i]())
-        except BaseException as e:  # noqa: BLE001 — every failure is reported to the caller
-            results[i] = ("raised", e)
-
-    threads = [
-        threading.Thread(target=work, args=(i,), daemon=True, name="posttrain-env") for i in range(len(fns))
-    ]
-    start = time.monotonic()
-    for t in threads:
-        t.start()
-    out = []
-    for i, t in enumerate(threads):
-        t.join(max(0.0, start + timeouts[i] - time.monotonic()))
-        out.append(("timeout", None) if t.is_alive() else results[i])
-    return out
-
-
 class EpisodeRunner:
     """Runs agent episodes (module docstring).
 
@@ -176,13 +148,8 @@ class EpisodeRunner:
             raise ConfigError("the tokenizer has no model_max_length: set budgets.max_context")
         if self.budgets.max_tool_tokens < 8 or self.budgets.max_new_tokens < 1:
             raise ConfigError("budgets: max_tool_tokens must be at least 8 and max_new_tokens at least 1")
-        self.markers = tuple(
-            dict.fromkeys(
-                (*self.format.forge_markers, self.bridge.header)
-                if self.bridge.header
-                else self.format.forge_markers
-            )
-        )
+        header = (self.bridge.header,) if self.bridge.header else ()
+        self.markers = tuple(dict.fromkeys((*self.format.forge_markers, *header)))
         base = sampling or Sampling()
         self.sampling = replace(
             base,
@@ -304,7 +271,8 @@ class EpisodeRunner:
         ep, tokens = s.episode, list(c.token_ids)
         start = len(s.context)
         try:
-            state_key, broken = s.env.state_key(), None
+            key_fn = getattr(s.env, "state_key", None)  # optional in the protocol
+            state_key, broken = (key_fn() if key_fn else None), None
         except Exception as e:  # noqa: BLE001 — a bug in the environment, not the policy
             state_key, broken = None, f"state_key: {type(e).__name__}: {e}"
         ep.ids += tokens
@@ -464,7 +432,7 @@ class EpisodeRunner:
                 s.episode.error = f"grade: {status}: {value!r}"
         for s in states:
             self._label(s)
-            if s.env is not None and not s.abandoned:
+            if s.env is not None and not s.abandoned and hasattr(s.env, "close"):
                 try:
                     s.env.close()
                 except Exception as e:  # noqa: BLE001 — a leak to report, not a reason to lose the batch

@@ -14,6 +14,7 @@ from posttrain.agents.envs.guess import GuessEnv
 from posttrain.agents.policies import Call, Forge, ScriptedPolicy
 from posttrain.agents.runner import Budgets, DriftError, EpisodeRunner
 from posttrain.errors import ConfigError
+from posttrain.rollout.engine import Completion
 from posttrain.tasks.tiny import CHAT_TEMPLATE, build_tokenizer
 
 TINY = build_tokenizer()
@@ -49,6 +50,8 @@ def test_bpe_trained_ids_are_the_sampled_ids_plus_bridges_while_a_naive_rerender
     assert [full[a:b] for a, b in spans(ep, "assistant")] == sampled
     in_turn = {i for a, b in spans(ep, "assistant") for i in range(a, b)}
     assert ep.mask == [i + len(ep.prompt_ids) in in_turn for i in range(len(ep.ids))]
+    first = next(t for t in ep.turns if t.sampled)
+    assert tok.decode(full[slice(*first.call_spans[0])]) == first.calls[0].raw  # the call's token span
     # The bridge is the template's text between the turns, tokenised canonically on its own.
     (bridge,) = spans(ep, "observation")
     bridge_text = f"\n<|im_start|>tool\n{task['answer']}<|im_end|>\n<|im_start|>assistant\n"
@@ -284,6 +287,13 @@ def test_an_engine_that_raises_labels_every_active_episode():
     eps = EpisodeRunner(TINY).run(Broken(), CalculatorEnv, CALC)
     assert [(e.stop, e.failure, e.masked) for e in eps] == [("engine_error", "infra.engine", True)] * 2
     assert "out of memory" in eps[0].error
+
+    class Misaligned:  # one log-prob short: appending it would shift the mask against the ids
+        def generate(self, prompt_ids, n, sampling):
+            return [[Completion([5, 6, TINY.eos_token_id], [-1.0, -1.0], "", "stop")] for _ in prompt_ids]
+
+    (ep,) = EpisodeRunner(TINY).run(Misaligned(), CalculatorEnv, CALC[:1])
+    assert (ep.failure, ep.ids, ep.mask) == ("infra.engine", [], [])
 
 
 def test_scripted_forgery_in_the_tiny_template_uses_its_tool_token():

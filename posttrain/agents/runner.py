@@ -269,6 +269,8 @@ class EpisodeRunner:
 
     def _append_turn(self, s: EpisodeState, c: Completion, seconds: float) -> None:
         ep, tokens = s.episode, list(c.token_ids)
+        if len(c.logprobs) != len(tokens):  # appended as is, the mask and log-probs would be misaligned
+            return s.end("engine_error", f"{len(tokens)} tokens with {len(c.logprobs)} log-probs")
         start = len(s.context)
         try:
             key_fn = getattr(s.env, "state_key", None)  # optional in the protocol

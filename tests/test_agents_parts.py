@@ -306,3 +306,22 @@ def test_episode_record_round_trips_through_jsonl(tmp_path):
     path.write_text('{"env": "x", "bogus": 1}\n')
     with pytest.raises(ValueError, match="trajectories.jsonl:1: not an episode record"):
         read_jsonl(path)
+
+
+# --- the sandbox interface ------------------------------------------------------------------------
+
+
+def test_code_runner_gives_files_stdout_and_per_test_verdicts():
+    from posttrain.agents.sandbox import ProcessRunner
+
+    runner = ProcessRunner()
+    r = runner.run(
+        "print(open('data/a.txt').read())\nx = 3",
+        files={"data/a.txt": "hi"},
+        tests=["assert x == 3", "assert x == 4"],
+    )
+    assert (r.stdout, r.tests_passed, r.ok, r.timed_out) == ("hi\n", (True, False), False, False)
+    printed = runner.run("print('2/2 passed')", tests=["assert f(1) == 2"])
+    assert printed.tests_passed == (False,) and not printed.ok  # printing a verdict earns nothing
+    with pytest.raises(ValueError, match="relative paths"):
+        runner.run("pass", files={"/etc/x": "no"})

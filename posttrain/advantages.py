@@ -143,7 +143,9 @@ def whiten(
 
 
 @torch.no_grad()
-def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-4) -> Tensor:
+def group_advantages(
+    rewards: Tensor, group_size: int, *, scale: str = "std", eps: float = 1e-4, valid: Tensor | None = None
+) -> Tensor:
     """Group-relative advantages: each reward minus the mean reward of its group, optionally scaled.
 
         A_i = (r_i − mean(r_group)) / (s + ε)
@@ -163,17 +165,25 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", ep
     advantage 0 (no learning signal: the caller should log how often that happens). group_size 1 gives
     all zeros, with the std taken as 0 (as TRL).
 
+    `valid` leaves samples out: an agent episode whose sandbox broke says nothing about the policy, and
+    kept in its group's mean and std it would shift every other sample's advantage. Means and stds are
+    then over the valid samples only (a group with one valid sample has std 0), and invalid samples get
+    advantage 0.
+
     Args:
         rewards: [B] one scalar reward per completion, in groups of `group_size` consecutive rows.
         group_size: completions per prompt (TRL's num_generations). B must be a multiple of it.
         scale: "std", "batch" or "none".
         eps: ε added to the std.
+        valid: [B] bool, None for all valid.
 
     Returns:
         advantages_B: [B], no gradient.
     """
     if scale not in GROUP_SCALES:
         raise ValueError(f"group_advantages: unknown scale {scale!r}; known: {', '.join(GROUP_SCALES)}")
+    if valid is not None:
+        return _masked_group_advantages(rewards, group_size, scale, eps, valid)
     grouped_GK = _grouped(rewards, group_size, "group_advantages")
     centred_B = (grouped_GK - grouped_GK.mean(dim=1, keepdim=True)).flatten()
     if scale == "none":
@@ -183,6 +193,28 @@ def group_advantages(rewards: Tensor, group_size: int, *, scale: str = "std", ep
     else:
         std = rewards.std() if rewards.numel() > 1 else 0.0
     return centred_B / (std + eps)
+
+
+def _masked_group_advantages(
+    rewards: Tensor, group_size: int, scale: str, eps: float, valid: Tensor
+) -> Tensor:
+    if valid.shape != rewards.shape:
+        raise ValueError(
+            f"group_advantages: valid {tuple(valid.shape)} does not match rewards {tuple(rewards.shape)}"
+        )
+    r_GK = _grouped(rewards, group_size, "group_advantages")
+    v_GK = valid.view(-1, group_size).to(r_GK.dtype)
+    n_G1 = v_GK.sum(1, keepdim=True)
+    mean_G1 = (r_GK * v_GK).sum(1, keepdim=True) / n_G1.clamp(min=1)
+    centred_GK = (r_GK - mean_G1) * v_GK
+    if scale == "none":
+        return centred_GK.flatten()
+    if scale == "std":  # unbiased, over the valid samples of the group
+        std = ((centred_GK**2).sum(1, keepdim=True) / (n_G1 - 1).clamp(min=1)).sqrt()
+    else:
+        kept = rewards[valid.bool()]
+        std = kept.std() if kept.numel() > 1 else rewards.new_zeros(())
+    return (centred_GK / (std + eps)).flatten()
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@
     posttrain eval gates --current EVAL.json [--baseline EVAL.json] --gates G.yaml
                                                 regression gates; exit code 1 when one fails
     posttrain eval judge --model DIR --labels F a judge model's agreement with human labels (kappa)
+    posttrain env list | env check ENV          agent environments; golden trajectories and hack probes
 
 Errors caused by input (config, data, paths) are printed as one clear message, exit code 2.
 A failed regression gate exits with code 1.
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     j.add_argument("--out", metavar="DIR", help="also write judge_agreement.json there")
     j.set_defaults(func=_eval_judge)
+    from posttrain.agents.cli import add_parser as add_env_parser
     from posttrain.audit import add_parser as add_audit_parser
     from posttrain.generate import add_parser as add_generate_parser
     from posttrain.pipeline import add_parser as add_pipeline_parser
@@ -398,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)  # generate best-of-n | constitutional | label
     add_report_parser(sub)
     add_audit_parser(sub)  # card, lineage
+    add_env_parser(sub)  # env list | env check ENV
     return p
 
 

@@ -73,7 +73,34 @@ def test_chat_template_renders_expected_string(tokenizer):
         == "<|user|>12+35<|end|><|assistant|>"
     )
     with pytest.raises(Exception, match="unknown chat role"):
-        tokenizer.apply_chat_template([{"role": "tool", "content": "1"}], tokenize=False)
+        tokenizer.apply_chat_template([{"role": "robot", "content": "1"}], tokenize=False)
+
+
+def test_chat_template_tool_role_and_tools_line(tokenizer):
+    tools = [
+        {"type": "function", "function": {"name": "calc", "parameters": {"properties": {"expr": {}}}}},
+        {"type": "function", "function": {"name": "submit", "parameters": {"properties": {}}}},
+    ]
+    chat = [
+        {"role": "user", "content": "1+2"},
+        {"role": "assistant", "content": "<call>calc(1+2)</call>"},
+        {"role": "tool", "content": "3"},
+    ]
+    text = tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=True)
+    assert text == (
+        "<|system|>tools: calc(expr) submit()<|end|><|user|>1+2<|end|>"
+        "<|assistant|><call>calc(1+2)</call><|end|><|tool|>3<|end|><|assistant|>"
+    )
+    ids = tokenizer(text)["input_ids"]
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|tool|>")) == 1  # one special token
+    # The tool turn is context: only the assistant's content and its <|end|> are in the mask.
+    out = tokenizer.apply_chat_template(
+        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    masked = "".join(tokenizer.decode([t]) for t, m in zip(out["input_ids"], out["assistant_masks"]) if m)
+    assert masked == "<call>calc(1+2)</call><|end|>"
+    # Without tools the rendering is what it always was.
+    assert tokenizer.apply_chat_template(chat[:1], tokenize=False) == "<|user|>1+2<|end|>"
 
 
 def test_assistant_mask_is_exactly_answers_and_end(saved_tiny):

@@ -3,10 +3,12 @@
 The quickstart, the tests and the benchmarks need a model that exists without a
 download and trains in seconds on a laptop CPU. This module builds one from scratch:
 
-- :func:`build_tokenizer`: one token per printable ASCII character (plus newline), eight
+- :func:`build_tokenizer`: one token per printable ASCII character (plus newline), nine
   special tokens, and a ChatML-like chat template whose assistant turns are wrapped in
   ``{% generation %}`` markers, so that ``return_assistant_tokens_mask`` works and
-  assistant-only loss is never silently off.
+  assistant-only loss is never silently off. The template has a ``tool`` role (tool results
+  in agent episodes, never inside the generation markers) and renders a ``tools=`` list as
+  one compact system line (``tools: calc(expr) answer(value)``).
 - :func:`build_model`: a Llama (or Qwen2) of a named size with random weights.
 - :func:`build_tiny`: both, saved with ``save_pretrained`` so that everything downstream
   loads them by path with ``AutoTokenizer`` / ``AutoModelForCausalLM``, exactly like a
@@ -40,13 +42,24 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|
 eos token, so a model that learned the chat format stops by itself. ``</s>`` is kept for
 compatibility with code that expects it, but nothing here emits it."""
 
+TOOL_TOKEN = "<|tool|>"
+"""Opens a tool-result turn (agent episodes). It comes after the characters in the vocabulary (id 104),
+not among :data:`SPECIAL_TOKENS`, so that every id the tokenizer had before it was added is unchanged:
+models built and trained before it read text exactly as they did."""
+
 # Roles are single special tokens and turns end with <|end|>: "<|user|>12+35<|end|>". The
 # assistant's content AND its closing <|end|> sit inside {% generation %}, so the assistant
 # mask (and therefore the SFT loss) covers the end token: the model learns when to stop.
 # The role token "<|assistant|>" stays outside: it is part of the prompt the model is given.
+# Tool results ("<|tool|>...<|end|>") are context, outside the markers too. A tools= list becomes one
+# short system line of signatures: a char-level model pays one token per character of a JSON schema.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>tools:"
+    "{% for t in tools %}{% set f = t['function'] if t['function'] is defined else t %}"
+    " {{ f['name'] }}({{ f['parameters']['properties'] | join(',') }})"
+    "{% endfor %}<|end|>{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{% endif %}"
     "{% if message['role'] == 'assistant' %}"
@@ -77,12 +90,13 @@ SIZES: dict[str, dict] = {
 ARCHS: dict[str, type[PretrainedConfig]] = {"llama": LlamaConfig, "qwen2": Qwen2Config}
 
 
-def build_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
+def build_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
     """Build the character-level tokenizer with the chat template.
 
     Args:
         model_max_length: recorded on the tokenizer; match the model's
-            ``max_position_embeddings``.
+            ``max_position_embeddings``. 1024 leaves room for agent episodes of a few tool turns
+            (the rotary position embedding has no weights, so the length changes no parameter).
 
     Returns:
         A transformers fast tokenizer: bos ``<s>``, eos ``<|end|>``, pad ``<pad>``,
@@ -93,13 +107,15 @@ def build_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for char in CHARACTERS:
         vocab.setdefault(char, len(vocab))
+    vocab[TOOL_TOKEN] = len(vocab)
     raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # WordLevel looks up whole pre-tokens; splitting into single characters makes it char-level.
     raw.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     raw.decoder = decoders.Fuse()  # join tokens back without inserting spaces
     # Registering the specials makes "<|user|>" in raw text one token (ids are reused from the vocab),
     # so chat-formatted pretraining text tokenizes exactly like the chat template's output.
-    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    specials = [*SPECIAL_TOKENS, TOOL_TOKEN]
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=raw,
@@ -107,7 +123,7 @@ def build_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
         eos_token="<|end|>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+        additional_special_tokens=specials[4:],
         model_max_length=model_max_length,
         padding_side="left",
         # The default clean-up would turn "a ." into "a." on decode and break the round trip.
@@ -128,7 +144,7 @@ def build_config(
     size: str = "tiny",
     *,
     arch: str = "llama",
-    max_position_embeddings: int = 256,
+    max_position_embeddings: int = 1024,
     **overrides,
 ) -> PretrainedConfig:
     """The model config :func:`build_model` uses, without allocating weights.
@@ -168,7 +184,7 @@ def build_model(
     size: str = "tiny",
     *,
     arch: str = "llama",
-    max_position_embeddings: int = 256,
+    max_position_embeddings: int = 1024,
     seed: int = 0,
     **overrides,
 ) -> PreTrainedModel:

@@ -1,0 +1,97 @@
+"""The one place agent tools run untrusted code: the narrow interface the bundled environments need.
+
+Environments that execute the policy's code (``fix_bug``'s ``run_tests`` and its grader) call a
+:class:`CodeRunner`; nothing else in ``posttrain.agents`` starts a process. Today it runs on
+``posttrain.rewards.sandbox`` (a separate, limited process per run); when the OS-level sandbox
+(``posttrain/sandbox/``) lands, :class:`ProcessRunner` is the one class to re-point.
+
+    runner.run(source, tests=[...], files={...}, timeout_s=...) -> Execution
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from posttrain.agents.env import InfraError
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What one run did: ``ok`` (exited 0, not killed; every test passed), ``exit_code``, ``stdout`` and
+    ``stderr`` (capped), ``timed_out``, one bool per test snippet (decided outside the program), and
+    the wall-clock ``seconds``."""
+
+    ok: bool
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    tests_passed: tuple[bool, ...]
+    seconds: float
+
+
+class CodeRunner(Protocol):
+    def run(
+        self,
+        source: str,
+        *,
+        tests: Sequence[str] = (),
+        files: Mapping[str, str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> Execution: ...
+
+
+class ProcessRunner:
+    """:class:`CodeRunner` on ``posttrain.rewards.sandbox.run_python``.
+
+    ``source`` runs as ``__main__`` in a fresh temporary directory that first holds ``files``
+    (relative paths; written by a short prelude inside the sandbox, so the files never touch the host's
+    disk outside that directory); each test snippet then runs in the program's namespace.
+
+    Args:
+        memory_mb: address-space limit of each run.
+    """
+
+    def __init__(self, *, memory_mb: int = 512):
+        self.memory_mb = memory_mb
+
+    def run(self, source, *, tests=(), files=None, timeout_s=10.0) -> Execution:
+        from posttrain.rewards.sandbox import run_python
+
+        code = source
+        if files:
+            if any(p.startswith("/") or ".." in p.split("/") for p in files):
+                raise ValueError(f"sandbox files must be relative paths inside the workdir: {sorted(files)}")
+            # Write the files, then run the source under its own name so tracebacks point at its lines.
+            code = (
+                "import os as _o\n"
+                f"for _p, _t in {json.dumps(dict(files))}.items():\n"
+                "    _o.makedirs(_o.path.dirname(_p) or '.', exist_ok=True)\n"
+                "    open(_p, 'w').write(_t)\n"
+                "del _o, _p, _t\n"
+                f"exec(compile({source!r}, 'main.py', 'exec'))\n"
+            )
+        try:
+            r = run_python(code, tests=list(tests), timeout_s=timeout_s, memory_mb=self.memory_mb)
+        except OSError as e:  # the sandbox process could not start: not the policy's doing
+            raise InfraError(f"sandbox did not start: {e}", "infra.sandbox") from e
+        if not r.layers and not r.timed_out:  # the bootstrap reports its layers before the program runs
+            raise InfraError(
+                f"sandbox bootstrap failed (exit {r.returncode}): {r.stderr[-300:]}", "infra.sandbox"
+            )
+        return Execution(
+            ok=r.ok and all(r.tests_passed),
+            exit_code=r.returncode,
+            stdout=r.stdout,
+            stderr=r.stderr,
+            timed_out=r.timed_out,
+            tests_passed=r.tests_passed,
+            seconds=r.seconds,
+        )
+
+
+def default_runner() -> CodeRunner:
+    return ProcessRunner()

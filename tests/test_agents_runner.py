@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import build_bpe_chat_tokenizer
+from chatml import chatml_tokenizer
 
 from posttrain.agents.env import Grade, InfraError, ToolEnv, tool
 from posttrain.agents.envs.calculator import CalculatorEnv
@@ -73,7 +73,7 @@ def test_a_template_that_rewrites_history_is_drift_masked_or_raised():
         "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    tok = build_bpe_chat_tokenizer(template)
+    tok = chatml_tokenizer(template)
 
     def thinking(task):
         result = yield ["<think>add them</think>", Call("calc", {"expr": task["expr"]})]

@@ -15,3 +15,15 @@ class DataError(PosttrainError):
 
 class TrainingError(PosttrainError):
     """Training cannot go on (non-finite loss that persists, nothing to train on, ...)."""
+
+
+def unknown(what: str, name: str, known, hint: str | None = None) -> str:
+    """The message for a name that is not one of `known`: "unknown <what>: 'x'. Did you mean y? Known: ..."
+    (the suggestion is `hint`, else the closest known name, if any is close)."""
+    import difflib
+
+    message = f"unknown {what}: {name!r}."
+    suggestion = hint or next(iter(difflib.get_close_matches(name, [str(k) for k in known], n=1)), None)
+    if suggestion:
+        message += f" Did you mean {suggestion}?"
+    return message + f" Known: {', '.join(sorted(map(str, known)))}"

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, unknown
 from posttrain.monitor.rules import MonitorConfig
 
 
@@ -270,24 +270,13 @@ class RolloutConfig(Section):
 
 
 class RLOptions(Section):
-    """Online RL: advantages, policy loss, KL, rewards (section `rl`; presets by algorithm name)."""
+    """Online RL, shared by the GRPO family and PPO: rewards, the policy loss's clipping and passes, KL
+    (section `rl`; presets by algorithm name)."""
 
     rewards: list[str | dict] = Field(
         default_factory=lambda: ["exact_match"],
         description="Reward functions: built-in names, {name: ..., weight: ..., <options>}, or "
         "'module:function' import paths. Their weighted sum is the reward; each is logged.",
-    )
-    advantage: Literal["group", "rloo", "reinforce_pp", "gae"] = Field(
-        "group", description="group (GRPO), rloo (leave-one-out), reinforce_pp (batch-normalised), gae (PPO)."
-    )
-    scale: Literal["std", "batch", "none"] = Field(
-        "std",
-        description="Group advantages: divide by the group's std (GRPO), the batch's, or not (Dr. GRPO).",
-    )
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
-        "token_mean",
-        description="How token losses become the batch loss: over all tokens (DAPO), per sequence then over "
-        "sequences (GRPO), or per-sequence sums over a constant length (Dr. GRPO).",
     )
     clip_low: float = Field(0.2, ge=0, description="Ratio clip below: 1 - clip_low.")
     clip_high: float = Field(
@@ -319,22 +308,46 @@ class RLOptions(Section):
     share_prompts: bool = Field(
         True,
         description="Training forward: run each distinct prompt once and let its samples attend to its cached "
-        "keys / values (same numbers, less work). false: one full forward per sample.",
+        "keys / values (same numbers, less work). false: one full forward per sample (the fallback for a "
+        "distributed wrapper that objects to two calls per micro-batch).",
     )
     eval_rewards: list[str | dict] | None = Field(
         None,
         description="Reward fns of the held-out eval during training (data.eval, every train.eval_every "
         "steps); default: `rewards`. A gold metric here lets the reward-hacking alert compare.",
     )
-    # PPO
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
+
+
+class GroupRLOptions(RLOptions):
+    """The GRPO family's `rl` section: the shared options plus the advantage estimator and the loss
+    aggregation, the two choices that tell GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ apart."""
+
+    advantage: Literal["group", "rloo", "reinforce_pp"] = Field(
+        "group", description="group (GRPO), rloo (leave-one-out), reinforce_pp (batch-normalised)."
+    )
+    scale: Literal["std", "batch", "none"] = Field(
+        "std",
+        description="Group advantages: divide by the group's std (GRPO), the batch's, or not (Dr. GRPO).",
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean",
+        description="How token losses become the batch loss: over all tokens (DAPO), per sequence then over "
+        "sequences (GRPO), or per-sequence sums over a constant length (Dr. GRPO).",
+    )
+
+
+class PPOOptions(Section):
+    """PPO's own section: the critic and GAE (Schulman et al. 2016). PPO's policy and value losses are token
+    means over the global batch: no aggregation option."""
+
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    value_clip: float | None = Field(0.2, gt=0)
+    value_clip: float | None = Field(0.2, gt=0, description="Clip of the value update; null: none.")
     whiten_rewards: bool = False
     critic: str | None = Field(
         None,
-        description="PPO critic: None for a value head on the policy, or a model path for a separate one.",
+        description="None: a value head on the policy; a model path: a separate critic with a scalar head.",
     )
 
 
@@ -352,11 +365,11 @@ RL_PRESETS: dict[str, dict] = {
     "rloo": {"advantage": "rloo", "aggregation": "token_mean"},
     # Hu 2025: batch-normalised advantages, token KL in the reward.
     "reinforce_pp": {"advantage": "reinforce_pp", "aggregation": "token_mean", "kl_in_reward": True},
-    # Schulman et al. 2017 / Ouyang et al. 2022: value head, GAE, KL penalty in the reward.
-    "ppo": {"advantage": "gae", "aggregation": "token_mean", "kl_in_reward": True, "kl_coef": 0.05,
-            "epochs": 2, "minibatches": 2},
+    # Schulman et al. 2017 / Ouyang et al. 2022: value head, GAE (the `ppo` section), KL penalty in the reward.
+    "ppo": {"kl_in_reward": True, "kl_coef": 0.05, "epochs": 2, "minibatches": 2},
 }  # fmt: skip
 ONLINE = tuple(RL_PRESETS)
+GROUP_RL = tuple(a for a in ONLINE if a != "ppo")
 # Online defaults of the loop: Adam's beta2 0.999 reacts too slowly to the sudden gradient-scale changes of
 # RL and can collapse the policy (seen with TRL's defaults on the bundled task); 0.99 and a constant lr.
 ONLINE_TRAIN_DEFAULTS = {"betas": (0.9, 0.99), "schedule": "constant"}
@@ -368,38 +381,26 @@ PREFERENCE_PRESETS = {
     "simpo": {"kind": "simpo", "beta": 2.0},
 }
 ALGORITHMS = ("sft", "reward", "kto", *PREFERENCE_PRESETS, *ONLINE)
-# The sections an algorithm reads besides model, data, train and monitor. A section of another algorithm
-# in a config is an error (it would be ignored), and the resolved config.yaml holds the stage's own only.
-OWN_SECTIONS: dict[str, tuple[str, ...]] = {
-    "sft": (),
-    "reward": ("reward",),
-    "kto": ("kto",),
-    **dict.fromkeys(PREFERENCE_PRESETS, ("dpo",)),
-    **dict.fromkeys(ONLINE, ("rollout", "rl")),
-}
 COMMON_SECTIONS = ("algorithm", "out", "model", "data", "train", "monitor")
 
 
 class RunConfig(Section):
-    """One stage: the algorithm, its model, data and loop settings, and where the run is written."""
+    """One stage: the algorithm, its model, data and loop settings, and where the run is written. Each
+    algorithm family has its own subclass holding its own sections only (`RUN_TYPES`); `load_config` picks
+    it by `algorithm`, so a stage's config.yaml holds what applies to it and nothing else."""
 
-    algorithm: Literal[ALGORITHMS] = Field(description="The objective to optimise.")
+    algorithm: str = Field(description="The objective to optimise.")
     out: str = Field(description="Run directory (created; resumable with --resume).")
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = TrainConfig()
-    dpo: PreferenceOptions = PreferenceOptions()
-    reward: RewardOptions = RewardOptions()
-    kto: KTOOptions = KTOOptions()
-    rollout: RolloutConfig = RolloutConfig()
-    rl: RLOptions = RLOptions()
     monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _presets(cls, raw):
         """`algorithm: orpo` / `simpo` are DPO-family presets, `grpo`, `dapo`, `ppo`, ... RL presets:
-        fill the keys the user left out."""
+        fill the keys the user left out. A section of another algorithm is an error (it would be ignored)."""
         if not isinstance(raw, dict):
             return raw
         algorithm = raw.get("algorithm")
@@ -437,6 +438,68 @@ class RunConfig(Section):
         return self
 
 
+class SFTRun(RunConfig):
+    algorithm: Literal["sft"]
+
+
+class RewardRun(RunConfig):
+    algorithm: Literal["reward"]
+    reward: RewardOptions = RewardOptions()
+
+
+class KTORun(RunConfig):
+    algorithm: Literal["kto"]
+    kto: KTOOptions = KTOOptions()
+
+
+class PreferenceRun(RunConfig):
+    algorithm: Literal[tuple(PREFERENCE_PRESETS)]
+    dpo: PreferenceOptions = PreferenceOptions()
+
+
+class OnlineRun(RunConfig):
+    """The GRPO family (grpo, dr_grpo, dapo, rloo, reinforce_pp): prompts in, rollouts, group advantages."""
+
+    algorithm: Literal[GROUP_RL]
+    rollout: RolloutConfig = RolloutConfig()
+    rl: GroupRLOptions = GroupRLOptions()
+
+
+class PPORun(RunConfig):
+    algorithm: Literal["ppo"]
+    rollout: RolloutConfig = RolloutConfig()
+    rl: RLOptions = RLOptions()
+    ppo: PPOOptions = PPOOptions()
+
+
+RUN_TYPES: dict[str, type[RunConfig]] = {
+    "sft": SFTRun,
+    "reward": RewardRun,
+    "kto": KTORun,
+    **dict.fromkeys(PREFERENCE_PRESETS, PreferenceRun),
+    **dict.fromkeys(GROUP_RL, OnlineRun),
+    "ppo": PPORun,
+}
+# The sections an algorithm reads besides the common ones, from its run type.
+OWN_SECTIONS: dict[str, tuple[str, ...]] = {
+    name: tuple(f for f in run.model_fields if f not in COMMON_SECTIONS) for name, run in RUN_TYPES.items()
+}
+
+
+def run_config(raw: dict) -> RunConfig:
+    """Validate a raw config dict as the run type of its `algorithm` (pydantic's ValidationError, or a
+    ConfigError for a missing or unknown algorithm)."""
+    algorithm = raw.get("algorithm") if isinstance(raw, dict) else None
+    if algorithm not in RUN_TYPES:
+        got = (
+            "missing required key 'algorithm'"
+            if algorithm is None
+            else unknown("algorithm", algorithm, ALGORITHMS)
+        )
+        raise ConfigError(got)
+    return RUN_TYPES[algorithm].model_validate(raw)
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -464,9 +527,13 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
     for item in overrides:
         apply_override(raw, item)
     try:
-        return RunConfig.model_validate(raw)
+        return run_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: invalid config\n  {e}") from None
     except ValidationError as e:
-        raise ConfigError(f"{name}: invalid config\n" + "\n".join(_explain(e, RunConfig))) from None
+        raise ConfigError(
+            f"{name}: invalid config\n" + "\n".join(_explain(e, RUN_TYPES[raw["algorithm"]]))
+        ) from None
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -487,7 +554,7 @@ def apply_override(raw: dict, item: str) -> None:
 def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML, every default filled in (written to run_dir/config.yaml): the stage's
     own sections only, and of the `dpo` section the chosen kind's options only."""
-    raw = cfg.model_dump(mode="json", include={*COMMON_SECTIONS, *OWN_SECTIONS[cfg.algorithm]})
+    raw = cfg.model_dump(mode="json")
     if "dpo" in raw:
         raw["dpo"] = {k: v for k, v in raw["dpo"].items() if not (k in KIND_OPTION_FIELDS and v is None)}
     return yaml.safe_dump(raw, sort_keys=False)

@@ -23,7 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.algorithms.reward import RewardModel
-from posttrain.config import DataConfig, ModelConfig, RLOptions, RolloutConfig, RunConfig, TrainConfig
+from posttrain.config import (
+    DataConfig,
+    GroupRLOptions,
+    ModelConfig,
+    OnlineRun,
+    PreferenceRun,
+    RewardRun,
+    RolloutConfig,
+    RunConfig,
+    SFTRun,
+    TrainConfig,
+)
 from posttrain.eval.generation import accuracy_by_level, generate_greedy
 from posttrain.tasks import arithmetic, preference
 from posttrain.tasks.tiny import build_tiny
@@ -52,7 +63,7 @@ class Budget:
 
 
 def base_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    return RunConfig(
+    return SFTRun(
         algorithm="sft",
         out=str(out / "base"),
         model=ModelConfig(path=str(out / "tiny")),
@@ -65,7 +76,7 @@ def base_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
 
 
 def sft_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    return RunConfig(
+    return SFTRun(
         algorithm="sft",
         out=str(out / "sft"),
         model=ModelConfig(path=str(out / "base" / "final")),
@@ -78,7 +89,7 @@ def sft_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
 
 
 def reward_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
-    return RunConfig(
+    return RewardRun(
         algorithm="reward",
         out=str(out / "reward"),
         model=ModelConfig(path=str(out / "sft" / "final")),
@@ -90,7 +101,7 @@ def reward_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig
 
 
 def dpo_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
-    return RunConfig(
+    return PreferenceRun(
         algorithm="dpo",
         out=str(out / "dpo"),
         model=ModelConfig(path=str(out / "sft" / "final")),
@@ -104,13 +115,13 @@ def grpo_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
     # sign-like steps at the lr of the reference GRPO script (5e-4; 1e-4 and 2e-4 too) knock held-out
     # accuracy down to ~10% within 100 steps, from where it does not recover (see the issue notes). From
     # a start that is not annealed (benchmarks/grpo.py's START) 5e-4 works.
-    return RunConfig(
+    return OnlineRun(
         algorithm="grpo",
         out=str(out / "grpo"),
         model=ModelConfig(path=str(out / "sft" / "final")),
         data=DataConfig(train=str(data["prompts_train"]), eval=str(data["eval"]), max_length=64),
         rollout=RolloutConfig(prompts_per_step=16, group_size=8, max_new_tokens=6),
-        rl=RLOptions(rewards=["exact_match"], kl_coef=0.05),
+        rl=GroupRLOptions(rewards=["exact_match"], kl_coef=0.05),
         train=TrainConfig(
             lr=3e-5, betas=(0.9, 0.99), schedule="constant", max_steps=budget.grpo_steps, log_every=10,
             eval_every=100, save_every=100,

@@ -335,7 +335,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
         config=cfg.model_dump(mode="json"),
         seed=cfg.train.seed,
         inputs=train_files + eval_files,
-        models=[cfg.model.path] + ([cfg.rl.critic] if cfg.rl.critic else []),
+        models=[cfg.model.path] + ([cfg.ppo.critic] if cfg.algorithm == "ppo" and cfg.ppo.critic else []),
         data={"prompts": len(rows), "eval_prompts": len(eval_rows or [])},
         parameters={"total": total, "trainable": trainable},
         processes=accelerator.num_processes,

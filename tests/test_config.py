@@ -120,6 +120,20 @@ def test_the_resolved_config_holds_the_stages_own_sections_and_the_kinds_own_opt
     common = {"algorithm", "out", "model", "data", "train", "monitor"}
     assert sections("sft") == common
     assert sections("dpo") == common | {"dpo"} and sections("kto") == common | {"kto"}
-    assert sections("grpo") == sections("ppo") == common | {"rollout", "rl"}
+    assert sections("grpo") == common | {"rollout", "rl"} and sections("ppo") == common | {
+        "rollout",
+        "rl",
+        "ppo",
+    }
+    grpo, ppo = (load_config(BASE | {"algorithm": a}) for a in ("grpo", "ppo"))
+    # PPO's GAE and critic live in `ppo`; the GRPO family's advantage and aggregation in its `rl` only
+    assert {"gamma", "lam", "vf_coef", "critic"}.isdisjoint(type(grpo.rl).model_fields)
+    assert {"advantage", "scale", "aggregation"}.isdisjoint(type(ppo.rl).model_fields)
+    with pytest.raises(ConfigError, match="unknown key 'rl.gamma'"):
+        load_config(BASE | {"algorithm": "grpo", "rl": {"gamma": 0.9}})
+    with pytest.raises(ConfigError, match="unknown key 'rl.aggregation'"):
+        load_config(BASE | {"algorithm": "ppo", "rl": {"aggregation": "token_mean"}})
+    with pytest.raises(ConfigError, match="unknown algorithm: 'grop'. Did you mean grpo"):
+        load_config(BASE | {"algorithm": "grop"})
     ipo = yaml.safe_load(dump_config(load_config(BASE | {"algorithm": "dpo", "dpo": {"kind": "ipo"}})))
     assert set(ipo["dpo"]) == {"kind", "beta", "sft_weight", "ref_model"}

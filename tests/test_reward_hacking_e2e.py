@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from posttrain.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from posttrain.config import DataConfig, ModelConfig, SFTRun, TrainConfig
 from posttrain.engine.run import read_metrics
 from posttrain.tasks import arithmetic
 from posttrain.tasks.tiny import build_tiny
@@ -27,7 +27,7 @@ def start(tmp_path_factory):
     root = tmp_path_factory.mktemp("hack")
     build_tiny(root / "tiny")
     files = arithmetic.write_task_files(root / "data", levels=("add1", "add2", "sub2"), n_pretrain_docs=10)
-    sft = RunConfig(
+    sft = SFTRun(
         algorithm="sft", out=str(root / "sft"), model=ModelConfig(path=str(root / "tiny")),
         data=DataConfig(train=str(files["sft_train"]), max_length=128),
         train=TrainConfig(lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01, batch_size=128, max_steps=700,

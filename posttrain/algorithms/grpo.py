@@ -76,8 +76,6 @@ def advantages(source, buffer) -> None:
             )
         else:
             adv = reinforce_pp_advantages(rewards, group_size=group)
-    else:
-        raise ValueError(f"advantage {rl.advantage!r} needs a value model: use algorithm ppo")
     if adv.dim() == 2:
         buffer.token["advantages"] = adv.float()
         buffer.sequence["advantages"] = (adv * buffer.completion_mask()).sum(1)  # for samples.jsonl

@@ -5,7 +5,7 @@
     loss               clipped policy surrogate + vf_coef * clipped value loss, several minibatch epochs
 
 The critic is a value head (one linear layer, zero-initialised) on the policy's last hidden state, or,
-with `rl.critic: PATH`, a separate model with a scalar head (usually the reward model: it already reads
+with `ppo.critic: PATH`, a separate model with a scalar head (usually the reward model: it already reads
 the task) whose per-token outputs are the values. Either way policy and critic are one module for the
 loop, so one optimiser, one checkpoint and one `accelerate` wrapper cover both.
 
@@ -22,7 +22,6 @@ from torch import nn
 from posttrain.advantages import gae, kl_penalty, whiten
 from posttrain.algorithms.grpo import KIND, old_logps  # noqa: F401  (KIND: prompt rows)
 from posttrain.data.templates import IGNORE_INDEX
-from posttrain.errors import ConfigError
 from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum, value_loss_sum
 from posttrain.models import load_model as load_causal_lm
@@ -61,14 +60,12 @@ class PolicyWithValue(nn.Module):
 
 
 def load_model(cfg) -> PolicyWithValue:
-    if cfg.rl.aggregation != "token_mean":
-        raise ConfigError("ppo: rl.aggregation must be token_mean (the value loss is a token mean)")
     policy = load_causal_lm(cfg.model)
     critic = None
-    if cfg.rl.critic:
+    if cfg.ppo.critic:
         from posttrain.algorithms.reward import RewardModel
 
-        critic = RewardModel.from_pretrained(cfg.rl.critic, dtype=cfg.model.dtype)
+        critic = RewardModel.from_pretrained(cfg.ppo.critic, dtype=cfg.model.dtype)
     return PolicyWithValue(policy, critic)
 
 
@@ -108,10 +105,10 @@ def annotate(source, model, buffer) -> None:
 
 def advantages(source, buffer) -> None:
     """Per-token rewards (KL penalty + the sequence reward on the last token), GAE, whitening."""
-    rl = source.rl
+    ppo = source.cfg.ppo
     mask = buffer.completion_mask()
     rewards = buffer.rewards.clone()
-    if rl.whiten_rewards:
+    if ppo.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)
     token_rewards = torch.zeros(mask.shape)
     last = mask.float().cumsum(1).argmax(1)  # position of each completion's last token
@@ -121,7 +118,7 @@ def advantages(source, buffer) -> None:
     if "ref_logps" in buffer.token and source.kl_coef > 0:
         kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator="k1")
         token_rewards = token_rewards - source.kl_coef * kl * mask
-    adv, returns = gae(token_rewards, buffer.token["old_values"], mask, gamma=rl.gamma, lam=rl.lam)
+    adv, returns = gae(token_rewards, buffer.token["old_values"], mask, gamma=ppo.gamma, lam=ppo.lam)
     adv = whiten(adv, mask)
     buffer.token["advantages"] = adv
     buffer.token["returns"] = returns
@@ -132,7 +129,7 @@ class Objective:
     """Clipped policy loss + vf_coef x clipped value loss, both token means over the global batch."""
 
     def __init__(self, cfg, source=None):
-        self.cfg, self.rl = cfg, cfg.rl
+        self.cfg, self.rl, self.ppo = cfg, cfg.rl, cfg.ppo
 
     def mask(self, batch: dict) -> torch.Tensor:
         return (batch["targets"] != IGNORE_INDEX) & (batch["loss_mask"][:, None] > 0)
@@ -157,7 +154,7 @@ class Objective:
             dual_clip=self.rl.dual_clip,
         )
         v_loss, _, v_metrics = value_loss_sum(
-            values.float(), batch["old_values"], batch["returns"], mask, clip=self.rl.value_clip
+            values.float(), batch["old_values"], batch["returns"], mask, clip=self.ppo.value_clip
         )
         with torch.no_grad():
             metrics["entropy"] = torch.where(mask, entropy(logits.detach()), 0.0).sum()
@@ -165,4 +162,4 @@ class Objective:
             metrics["value_clip_fraction"] = v_metrics["clip_fraction"]
             metrics["value_mean"] = torch.where(mask, values.detach().float(), 0.0).sum()
             metrics["policy_loss"] = loss.detach()
-        return loss + self.rl.vf_coef * v_loss, metrics
+        return loss + self.ppo.vf_coef * v_loss, metrics

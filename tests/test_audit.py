@@ -8,8 +8,9 @@ import json
 import pytest
 import yaml
 
-from posttrain.audit import add_parser, data_card, eval_metrics, key_hyperparameters, lineage, model_card
+from posttrain.audit import data_card, eval_metrics, key_hyperparameters, lineage, model_card
 from posttrain.audit.cards import _num
+from posttrain.cli import audit as audit_cli
 from posttrain.engine.run import sha256_file
 from posttrain.errors import ConfigError
 from posttrain.pipeline import run_pipeline
@@ -190,7 +191,7 @@ def test_data_card(tmp_path):
 def test_card_and_lineage_commands(pipe, capsys):
     root, files = pipe
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    audit_cli.add_parsers(parser.add_subparsers())
     out = root / "card.md"
     args = parser.parse_args(
         ["card", str(root / "runs" / "second"), "--out", str(out), "--limitation", "L1", "--no-hash"]

@@ -10,6 +10,7 @@ import warnings
 import pytest
 
 from posttrain import generate
+from posttrain.cli import generate as generate_cli
 from posttrain.data.io import Location
 from posttrain.data.schemas import validate_rows
 from posttrain.eval.judge import Judge
@@ -234,15 +235,15 @@ def test_filters_count_removals_and_the_card_lists_them(tmp_path):
 
 def test_cli_wiring():
     parser = argparse.ArgumentParser(prog="posttrain")
-    generate.add_parser(parser.add_subparsers(dest="command"))
+    generate_cli.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(
         ["generate", "best-of-n", "--model", "m", "--prompts", "p.jsonl", "--out", "o", "-n", "4",
          "--reward", "exact_match", "--reward", '{"name": "format_regex", "pattern": "\\\\d+"}', "--min-gap", "1"]
     )  # fmt: skip
-    assert args.func is generate._best_of_n and args.n == 4 and args.min_gap == 1.0
-    assert generate._reward_spec(args.reward[1]) == {"name": "format_regex", "pattern": "\\d+"}
+    assert args.func is generate_cli._best_of_n and args.n == 4 and args.min_gap == 1.0
+    assert generate_cli._reward_spec(args.reward[1]) == {"name": "format_regex", "pattern": "\\d+"}
     args = parser.parse_args(["generate", "constitutional", "--model", "m", "--prompts", "p", "--out", "o"])
     assert args.principles == str(generate.DEFAULT_PRINCIPLES) and args.dedup == "near"
     args = parser.parse_args(["generate", "label", "--pairs", "p", "--judge", "j", "--out", "o"])
-    assert args.func is generate._label and not hasattr(args, "temperature")
+    assert args.func is generate_cli._label and not hasattr(args, "temperature")
     assert len(generate.load_principles()) >= 4

@@ -14,10 +14,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from posttrain.cli import report as report_cli
 from posttrain.errors import PosttrainError
 from posttrain.eval.rm_audit import PairScores, build_report
 from posttrain.monitor.rules import Alert
-from posttrain.report import add_parser, write_report
+from posttrain.report import write_report
 from posttrain.report.runs import last_step_samples
 
 STEPS = 60
@@ -203,7 +204,7 @@ def test_samples_are_read_from_the_end(tmp_path):
 def test_cli_and_errors(tmp_path, capsys):
     run = make_run(tmp_path / "run")
     parser = argparse.ArgumentParser(prog="posttrain")
-    add_parser(parser.add_subparsers(dest="command"))
+    report_cli.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(run), "--out", str(tmp_path / "out" / "r.html")])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "out" / "r.html")

@@ -10,7 +10,7 @@ every token, failure labels with a loss policy, four bundled environments.
     trajectory.py   Episode / Turn records (trajectories.jsonl), training_arrays, completion
     sandbox.py      the one interface through which tools run untrusted code
     envs/           calculator, sql, fix_bug, guess
-    check.py, cli.py  ``posttrain env list`` / ``posttrain env check ENV``
+    check.py        golden trajectories and hack probes (``posttrain env check ENV``, in cli/env.py)
 
 Running a batch (what an environment step source does each step)::
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> argparse.ArgumentParser:
     """Add the ``env`` subcommand to ``posttrain``'s subparsers."""
     p = subparsers.add_parser(
         "env",

@@ -1,4 +1,5 @@
-"""Evaluation statistics: pass@k, bootstrap intervals, win rates, agreement, lengths, refusals.
+"""Evaluation statistics: pass@k, bootstrap and Wilson intervals, win rates, agreement (Cohen's kappa,
+Krippendorff's alpha), lengths, refusals.
 
 Pure functions on numbers (no model, no torch), so every one is tested against hand-worked
 or enumerated answers. An eval number without its uncertainty invites reading noise as
@@ -244,6 +245,76 @@ def cohen_kappa(
     if chance_disagreement == 0:
         return math.nan
     return 1.0 - float((w * observed).sum()) / chance_disagreement
+
+
+def krippendorff_alpha(units: Sequence[Sequence], *, level: str = "nominal") -> float:
+    """Krippendorff's alpha (Krippendorff 2011, "Computing Krippendorff's Alpha-Reliability").
+
+    Any number of raters, any of them missing on any unit. ``units`` is one sequence of values per
+    unit (the labels it received; a missing rating is simply absent, or None / NaN). Units with
+    fewer than two values are not pairable and are dropped. From the coincidence matrix
+    o_ck = sum_u (pairs of values c, k in unit u) / (m_u - 1), with n_c = sum_k o_ck and n = sum n_c:
+
+        alpha = 1 - D_o / D_e,  D_o = sum_ck o_ck d_ck / n,  D_e = sum_ck n_c n_k d_ck / (n (n - 1))
+
+    with the squared distance d_ck: nominal 1[c != k]; ordinal (sum_{g=c..k} n_g - (n_c + n_k)/2)^2
+    over the sorted values; interval (c - k)^2. Returns NaN when nothing is pairable or every value
+    is the same (D_e = 0), 1 for perfect agreement, ~0 at chance.
+    """
+    if level not in ("nominal", "ordinal", "interval"):
+        raise ValueError(f"krippendorff_alpha: level must be nominal, ordinal or interval (got {level!r})")
+    clean = []
+    for values in units:
+        kept = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        if len(kept) >= 2:
+            clean.append(kept)
+    categories = sorted({v for values in clean for v in values})
+    if not clean or len(categories) < 2:
+        return math.nan
+    index = {c: i for i, c in enumerate(categories)}
+    k = len(categories)
+    o = np.zeros((k, k))  # [K, K] coincidences
+    for values in clean:
+        counts = np.bincount([index[v] for v in values], minlength=k).astype(np.float64)
+        o += (np.outer(counts, counts) - np.diag(counts)) / (len(values) - 1)
+    n_c = o.sum(axis=1)
+    n = n_c.sum()
+    if level == "nominal":
+        d = 1.0 - np.eye(k)
+    elif level == "interval":
+        x = np.asarray(categories, dtype=np.float64)
+        d = (x[:, None] - x[None, :]) ** 2
+    else:
+        cum = np.concatenate([[0.0], np.cumsum(n_c)])  # cum[i] = sum of n_g for g < i
+        i, j = np.indices((k, k))
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        d = (cum[hi + 1] - cum[lo] - (n_c[i] + n_c[j]) / 2) ** 2
+    expected = float((np.outer(n_c, n_c) * d).sum()) / (n * (n - 1))
+    if expected == 0:
+        return math.nan
+    return 1.0 - float((o * d).sum()) / n / expected
+
+
+def wilson_interval(successes: int, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927; Agresti & Coull 1998).
+
+    (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), with p = successes / n and z the
+    normal quantile of (1 + confidence) / 2. Unlike the Wald interval it stays inside [0, 1] and
+    keeps near-nominal coverage for small n and p near 0 or 1 (an annotator's 9 of 10 gold answers).
+    (nan, nan) for n = 0.
+    """
+    if n < 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: need 0 <= successes <= n (got {successes}, {n})")
+    if n == 0:
+        return math.nan, math.nan
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --------------------------------------------------------------------------------------- lengths

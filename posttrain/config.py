@@ -329,10 +329,31 @@ class GroupRLOptions(RLOptions):
         "std",
         description="Group advantages: divide by the group's std (GRPO), the batch's, or not (Dr. GRPO).",
     )
-    aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+    aggregation: Literal[
+        "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"
+    ] = Field(
         "token_mean",
         description="How token losses become the batch loss: over all tokens (DAPO), per sequence then over "
-        "sequences (GRPO), or per-sequence sums over a constant length (Dr. GRPO).",
+        "sequences (GRPO), per-sequence sums over a constant length (Dr. GRPO), or per-sequence sums (LUSPO).",
+    )
+    kind: Literal["clip", "cispo", "sapo"] = Field(
+        "clip",
+        description="Policy loss: PPO's clipped surrogate, CISPO (capped detached ratio on log-prob; clip_high is "
+        "the cap) or SAPO (soft sigmoid gate). See losses.policy_loss.",
+    )
+    importance_level: Literal["token", "sequence"] = Field(
+        "token", description="Ratio per token, or one per sequence (GSPO: the mean log-ratio)."
+    )
+    delta: float | None = Field(None, gt=1, description="Two-sided clip: cap on the ratio (INTELLECT-2).")
+    sapo_tau_pos: float = Field(1.0, gt=0, description="SAPO gate temperature for positive advantages.")
+    sapo_tau_neg: float = Field(1.05, gt=0, description="SAPO gate temperature for negative advantages.")
+    off_policy_threshold: float | None = Field(
+        None,
+        gt=0,
+        description="Drop negative-advantage samples whose mean KL from the sampler exceeds this (DeepSeek-V3.2).",
+    )
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="Train only on this top share of tokens by entropy (0.2 in the paper)."
     )
 
 
@@ -360,6 +381,13 @@ RL_PRESETS: dict[str, dict] = {
     "dapo": {
         "advantage": "group", "scale": "std", "aggregation": "token_mean", "clip_high": 0.28,
         "dynamic_sampling": True, "overlong_penalty": True,
+    },
+    # MiniMax 2025 (M1) / ScaleRL: capped, detached IS weight on the log-prob; token-level loss, cap 5.
+    "cispo": {"advantage": "group", "scale": "std", "aggregation": "token_mean", "kind": "cispo", "clip_high": 5.0},
+    # Zheng et al. 2025: one length-normalised ratio per sequence, clipped in [1 - 3e-4, 1 + 4e-4].
+    "gspo": {
+        "advantage": "group", "scale": "std", "aggregation": "seq_mean_token_mean", "importance_level": "sequence",
+        "clip_low": 3e-4, "clip_high": 4e-4,
     },
     # Ahmadian et al. 2024: leave-one-out baseline.
     "rloo": {"advantage": "rloo", "aggregation": "token_mean"},
@@ -458,7 +486,7 @@ class PreferenceRun(RunConfig):
 
 
 class OnlineRun(RunConfig):
-    """The GRPO family (grpo, dr_grpo, dapo, rloo, reinforce_pp): prompts in, rollouts, group advantages."""
+    """The GRPO family (grpo, dr_grpo, dapo, cispo, gspo, rloo, reinforce_pp): prompts in, rollouts, group advantages."""
 
     algorithm: Literal[GROUP_RL]
     rollout: RolloutConfig = RolloutConfig()

@@ -58,7 +58,7 @@ def rewards(run_dir):
     return [m["reward/mean"] for m in read_metrics(run_dir) if "reward/mean" in m]
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "cispo", "gspo", "rloo", "reinforce_pp"])
 def test_grpo_family_learns_a_dense_reward(task, tmp_path, algorithm):
     res = train(config(task, tmp_path / algorithm, algorithm))
     r = rewards(res.run_dir)

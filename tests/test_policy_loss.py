@@ -297,7 +297,12 @@ def test_policy_loss_errors():
 # TRL 1.16: GRPOTrainer._compute_loss on a stub trainer (no model: the per-token log-probs are given)
 # ---------------------------------------------------------------------------------------------------------
 
-TRL_LOSS_TYPES = {"token_mean": "bnpo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
+TRL_LOSS_TYPES = {
+    "token_mean": "bnpo",
+    "seq_mean_token_mean": "grpo",
+    "seq_mean_token_sum_norm": "dr_grpo",
+    "seq_mean_token_sum": "luspo",
+}
 
 
 def trl_grpo(loss_type, logps, old, adv, mask, *, eps_low, eps_high, max_len, ref=None, beta=0.0):

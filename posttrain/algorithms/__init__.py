@@ -25,7 +25,9 @@ OFFLINE = {
     "simpo": "posttrain.algorithms.preference",
 }
 ONLINE = {
-    **dict.fromkeys(("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"), "posttrain.algorithms.grpo"),
+    **dict.fromkeys(
+        ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp"), "posttrain.algorithms.grpo"
+    ),
     "ppo": "posttrain.algorithms.ppo",
 }
 

@@ -1,14 +1,17 @@
-"""The GRPO family: GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ (critic-free policy gradient).
+"""The GRPO family: GRPO, Dr. GRPO, DAPO, CISPO, GSPO, RLOO and REINFORCE++ (critic-free policy gradient).
 
 One module, because they differ only in options of shared pieces (see `RL_PRESETS` in config.py):
 
     advantage    group-normalised (GRPO, DAPO; `scale` std / batch / none = Dr. GRPO), leave-one-out
                  (RLOO), batch-whitened returns (REINFORCE++)
-    aggregation  token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO)
-    clipping     clip_low / clip_high (DAPO's clip-higher), dual clip
+    aggregation  token_mean (DAPO), seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr. GRPO),
+                 seq_mean_token_sum (LUSPO)
+    loss kind    clip (PPO surrogate), cispo, sapo; ratio per token or per sequence (GSPO)
+    clipping     clip_low / clip_high (DAPO's clip-higher), dual clip, two-sided clip (delta)
+    token masks  off-policy sequence mask, top-entropy tokens, sampler-mismatch importance weights
     KL           none (default), a k1/k2/k3 loss term, or a per-token penalty in the reward
 
-The loss is `losses.policy_loss_sum` (one clipped surrogate for all of them); the rollout machinery is
+The loss is `losses.policy_loss_sum` (one function, its variants as options); the rollout machinery is
 `posttrain.rollout.source`. The policy log-probs are taken from `logits / temperature`, the distribution
 the engine sampled from, so that with one optimiser step per rollout the ratio starts at exactly 1.
 """
@@ -105,6 +108,8 @@ class Objective:
         logits, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts)
         mask = self.mask(batch)
         logps = token_logprobs(logits, batch["targets"])
+        with torch.no_grad():
+            entropies = entropy(logits.detach())
         adv = batch["advantages"]
         if adv.dim() == 1:
             adv = adv[:, None].expand_as(logps)
@@ -113,14 +118,13 @@ class Objective:
             batch["old_logps"],
             adv,
             mask,
-            clip_low=self.rl.clip_low,
-            clip_high=self.rl.clip_high,
-            aggregation=self.rl.aggregation,
-            dual_clip=self.rl.dual_clip,
             max_len=self.cfg.rollout.max_new_tokens,
+            entropies=entropies,
+            behaviour_logps=batch.get("sampler_logps"),
+            is_weights=batch.get("is_weights"),
+            **loss_options(self.rl),
         )
-        with torch.no_grad():
-            metrics["entropy"] = unit_sum(entropy(logits.detach()), mask, self.rl.aggregation)
+        metrics["entropy"] = unit_sum(entropies, mask, self.rl.aggregation)
         if "ref_logps" in batch:
             kl = kl_penalty(logps, batch["ref_logps"], estimator=self.rl.kl_estimator)
             kl_sum = unit_sum(kl, mask, self.rl.aggregation)
@@ -128,6 +132,16 @@ class Objective:
             if self.kl_loss:
                 loss = loss + self.kl_coef * kl_sum
         return loss, metrics
+
+
+def loss_options(rl) -> dict:
+    """The `rl` section's policy-loss options as `policy_loss_sum` keywords. Top-entropy masking picks its
+    threshold per micro-batch, as TRL does (the entropies are the current policy's, known per forward)."""
+    names = (
+        "clip_low", "clip_high", "dual_clip", "aggregation", "kind", "importance_level", "delta",
+        "sapo_tau_pos", "sapo_tau_neg", "off_policy_threshold", "top_entropy_quantile",
+    )  # fmt: skip
+    return {name: getattr(rl, name) for name in names}
 
 
 def unit_sum(x_BT: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:

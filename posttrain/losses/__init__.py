@@ -1,21 +1,29 @@
-"""Pure loss functions, in two files of one idea each:
+"""Pure loss functions, one idea a file:
 
 - `losses.preference`: sequence-level offline losses on [B] summed log-probs: `reward_loss` (Bradley–Terry),
   `kto_loss`, and `preference_loss(kind, ...)` for the DPO family (sigmoid, ipo, ..., simpo, orpo).
 - `losses.policy`: token-level online losses on [B, T]: `policy_loss` / `policy_loss_sum` (PPO, GRPO, DAPO,
-  Dr. GRPO) and `value_loss` / `value_loss_sum` (PPO), with `loss_units`, the one place their denominators
-  are counted.
+  Dr. GRPO, GSPO, LUSPO, CISPO, SAPO as options), with `loss_units`, the one place their denominators are
+  counted; `losses.masks`: the token multipliers it takes (off-policy sequence mask, top-entropy tokens,
+  sampler-mismatch importance weights); `losses.value`: `value_loss` / `value_loss_sum` (PPO).
 
 The names DESIGN.md lists as stable are importable from here: `from posttrain.losses import preference_loss`.
 """
 
+from posttrain.losses.masks import (
+    IS_MODES,
+    entropy_threshold,
+    high_entropy_mask,
+    importance_weights,
+    off_policy_mask,
+)
 from posttrain.losses.policy import (
+    IMPORTANCE_LEVELS,
     POLICY_AGGREGATIONS,
+    POLICY_KINDS,
     loss_units,
     policy_loss,
     policy_loss_sum,
-    value_loss,
-    value_loss_sum,
 )
 from posttrain.losses.preference import (
     PREFERENCE_KINDS,
@@ -27,9 +35,17 @@ from posttrain.losses.preference import (
     preference_rewards,
     reward_loss,
 )
+from posttrain.losses.value import value_loss, value_loss_sum
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
+    "IS_MODES",
     "POLICY_AGGREGATIONS",
+    "POLICY_KINDS",
+    "entropy_threshold",
+    "high_entropy_mask",
+    "importance_weights",
+    "off_policy_mask",
     "PREFERENCE_KINDS",
     "REFERENCE_FREE_KINDS",
     "kind_option_defaults",

@@ -218,7 +218,7 @@ def _masked_group_advantages(
 
 
 @torch.no_grad()
-def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
+def leave_one_out_advantages(rewards: Tensor, group_size: int, *, valid: Tensor | None = None) -> Tensor:
     """RLOO advantages: each reward minus the mean reward of the *other* completions of its prompt.
 
         A_i = r_i − (1/(k−1))·Σ_{j≠i} r_j  =  k/(k−1) · (r_i − mean(r_group))
@@ -230,6 +230,9 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
     Args:
         rewards: [B] one scalar reward per completion, in groups of `group_size` consecutive rows.
         group_size: k ≥ 2, completions per prompt. B must be a multiple of it.
+        valid: [B] bool, None for all valid. Invalid samples (an agent episode whose sandbox broke) are
+            nobody's baseline and get advantage 0; a valid sample's baseline is the mean of the other
+            valid samples of its group (advantage 0 when it has none).
 
     Returns:
         advantages_B: [B], no gradient.
@@ -237,6 +240,15 @@ def leave_one_out_advantages(rewards: Tensor, group_size: int) -> Tensor:
     if group_size < 2:
         raise ValueError(f"leave_one_out_advantages needs group_size >= 2 (k − 1 others), got {group_size}")
     grouped_GK = _grouped(rewards, group_size, "leave_one_out_advantages")
+    if valid is not None:
+        if valid.shape != rewards.shape:
+            raise ValueError(
+                f"leave_one_out_advantages: valid {tuple(valid.shape)} does not match rewards {tuple(rewards.shape)}"
+            )
+        v_GK = valid.view(-1, group_size).to(grouped_GK.dtype)
+        others_n_GK = v_GK.sum(1, keepdim=True) - v_GK
+        others_GK = ((grouped_GK * v_GK).sum(1, keepdim=True) - grouped_GK * v_GK) / others_n_GK.clamp(min=1)
+        return ((grouped_GK - others_GK) * v_GK * (others_n_GK > 0)).flatten()
     others_GK = (grouped_GK.sum(dim=1, keepdim=True) - grouped_GK) / (group_size - 1)
     return (grouped_GK - others_GK).flatten()
 

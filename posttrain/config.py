@@ -372,6 +372,44 @@ class PPOOptions(Section):
     )
 
 
+class EnvConfig(Section):
+    """An agent environment for online RL (section `env`, GRPO family and PPO): episodes of tool use in
+    place of single completions (posttrain.agents). Task rows come from `data.train` (jsonl of the
+    environment's task rows) or, when it is left empty, from the environment's own generator."""
+
+    name: str = Field(description="A bundled environment (`posttrain env list`) or 'module:Class'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the environment.")
+    format: str = Field("tiny", description="Tool-call format: 'tiny' (<call>f(x)</call>) or 'hermes'.")
+    tasks: int = Field(256, gt=0, description="Generated training tasks (when data.train is empty).")
+    eval_tasks: int = Field(
+        64, ge=0, description="Generated held-out tasks for the eval (when data.eval is empty)."
+    )
+    task_seed: int = Field(0, description="Seed of the generated tasks.")
+    budgets: dict[str, float | int | str] = Field(
+        default_factory=dict,
+        description="Episode budgets (posttrain.agents.Budgets): max_turns, max_tool_calls, max_context, "
+        "max_new_tokens (per turn), max_tool_tokens, truncate, tool_timeout_s, episode_timeout_s, "
+        "grade_timeout_s, max_repeats.",
+    )
+    verify: Literal["mask", "warn", "strict"] = Field(
+        "mask",
+        description="An episode whose ids differ from the template's render: masked, logged, or an error.",
+    )
+    loss_policy: dict[str, Literal["keep", "mask"]] = Field(
+        default_factory=dict, description="Per-label or per-class overrides, e.g. {budget.time: mask}."
+    )
+    weight: float = Field(
+        1.0, description="Weight of the environment's grade in the reward (component 'env')."
+    )
+
+    @model_validator(mode="after")
+    def _known(self) -> EnvConfig:
+        from posttrain.agents.config import check_env_config  # the agents layer knows its names
+
+        check_env_config(self)
+        return self
+
+
 RL_PRESETS: dict[str, dict] = {
     # Shao et al. 2024: group-std advantages, per-sequence token means.
     "grpo": {"advantage": "group", "scale": "std", "aggregation": "seq_mean_token_mean"},
@@ -443,6 +481,10 @@ class RunConfig(Section):
                 + ", ".join(COMMON_SECTIONS[2:] + own)
                 + " (remove it, or change `algorithm`)"
             )
+        if isinstance(raw.get("env"), dict):  # agent episodes: tasks may come from the env, the grade rewards
+            raw = {"data": {"train": []}, **raw}
+            if isinstance(raw.get("rl", {}), dict) and "rewards" not in raw.get("rl", {}):
+                raw["rl"] = {**raw.get("rl", {}), "rewards": []}
         presets = [("dpo", PREFERENCE_PRESETS.get(algorithm))]
         if algorithm in RL_PRESETS:
             presets += [("rl", RL_PRESETS[algorithm]), ("train", ONLINE_TRAIN_DEFAULTS)]
@@ -491,6 +533,7 @@ class OnlineRun(RunConfig):
     algorithm: Literal[GROUP_RL]
     rollout: RolloutConfig = RolloutConfig()
     rl: GroupRLOptions = GroupRLOptions()
+    env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
 
 
 class PPORun(RunConfig):
@@ -498,6 +541,7 @@ class PPORun(RunConfig):
     rollout: RolloutConfig = RolloutConfig()
     rl: RLOptions = RLOptions()
     ppo: PPOOptions = PPOOptions()
+    env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
 
 
 RUN_TYPES: dict[str, type[RunConfig]] = {
@@ -583,6 +627,8 @@ def dump_config(cfg: RunConfig) -> str:
     """The resolved config as YAML, every default filled in (written to run_dir/config.yaml): the stage's
     own sections only, and of the `dpo` section the chosen kind's options only."""
     raw = cfg.model_dump(mode="json")
+    if "env" in raw and raw["env"] is None:  # not an agent run
+        del raw["env"]
     if "dpo" in raw:
         raw["dpo"] = {k: v for k, v in raw["dpo"].items() if not (k in KIND_OPTION_FIELDS and v is None)}
     return yaml.safe_dump(raw, sort_keys=False)

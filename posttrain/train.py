@@ -305,6 +305,10 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
 
 def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     """An online RL stage (GRPO family, PPO): the loop over rollouts of the policy itself."""
+    if getattr(cfg, "env", None) is not None:  # agent episodes (posttrain/train_env.py)
+        from posttrain.train_env import train_env
+
+        return train_env(cfg, resume=resume)
     from accelerate.utils import set_seed
 
     from posttrain.rollout.source import RolloutSource

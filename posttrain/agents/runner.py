@@ -157,6 +157,7 @@ class EpisodeRunner:
             stop=tuple(dict.fromkeys((*base.stop, *self.format.stop, *self.markers))),
         )
         self.eos_ids = {tokenizer.eos_token_id}
+        self.seconds: dict[str, float] = {}  # wall time of the last run: generate, tools, grade
 
     # --- the batch ------------------------------------------------------------------------
 
@@ -183,14 +184,23 @@ class EpisodeRunner:
             for g, task in enumerate(tasks)
             for k in range(group_size)
         ]
+        self.seconds = {"generate": 0.0, "tools": 0.0, "grade": 0.0}
+        clock = time.perf_counter()
         self._reset(states)
+        self.seconds["tools"] += time.perf_counter() - clock
         wave = 0
         while active := [s for s in states if s.stop is None]:
+            clock = time.perf_counter()
             self._generate(policy, active, wave)
             stepping = [(s, a) for s in active if s.stop is None and (a := s.scratch.pop("action", None))]
+            self.seconds["generate"] += time.perf_counter() - clock
+            clock = time.perf_counter()
             self._step(stepping)
+            self.seconds["tools"] += time.perf_counter() - clock
             wave += 1
+        clock = time.perf_counter()
         self._finish(states)
+        self.seconds["grade"] += time.perf_counter() - clock
         return [s.episode for s in states]
 
     def _start(self, factory, task, group, index, name, version) -> EpisodeState:

@@ -64,11 +64,13 @@ def advantages(source, buffer) -> None:
     """Per-sample advantages ([N], broadcast over tokens) or per-token ones ([N, L]) for REINFORCE++
     with the KL in the reward."""
     rl, G, rewards = source.rl, buffer.group_size, buffer.rewards
+    # agent episodes: infra / data / drift failures are left out of the baselines (agents/failures.py)
+    valid = getattr(buffer, "valid", None)
     kl_in_reward = rl.kl_in_reward and source.kl_coef > 0 and "ref_logps" in buffer.token
     if rl.advantage == "group":
-        adv = group_advantages(rewards, G, scale=rl.scale)
+        adv = group_advantages(rewards, G, scale=rl.scale, valid=valid)
     elif rl.advantage == "rloo":
-        adv = leave_one_out_advantages(rewards, G)
+        adv = leave_one_out_advantages(rewards, G, valid=valid)
     elif rl.advantage == "reinforce_pp":
         group = G if G > 1 else None
         if kl_in_reward:
@@ -79,6 +81,8 @@ def advantages(source, buffer) -> None:
             )
         else:
             adv = reinforce_pp_advantages(rewards, group_size=group)
+    if valid is not None and rl.advantage == "reinforce_pp":  # out of the loss (not of the batch whitening)
+        adv = adv * (valid[:, None] if adv.dim() == 2 else valid)
     if adv.dim() == 2:
         buffer.token["advantages"] = adv.float()
         buffer.sequence["advantages"] = (adv * buffer.completion_mask()).sum(1)  # for samples.jsonl
@@ -118,7 +122,8 @@ class Objective:
             batch["old_logps"],
             adv,
             mask,
-            max_len=self.cfg.rollout.max_new_tokens,
+            # Dr. GRPO's constant: the generation budget in policy tokens (an agent source's is per episode)
+            max_len=getattr(self.source, "policy_token_budget", self.cfg.rollout.max_new_tokens),
             entropies=entropies,
             behaviour_logps=batch.get("sampler_logps"),
             is_weights=batch.get("is_weights"),

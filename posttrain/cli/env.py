@@ -29,7 +29,45 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
         "--tokenizer", metavar="DIR", help="a tokenizer with a chat template (default: the tiny one)"
     )
     c.set_defaults(func=_check)
+    d = sub.add_parser(
+        "demos",
+        help="SFT rows from golden trajectories (jsonl)",
+        description="Runs the environment's scripted optimal policy on generated tasks through the episode "
+        "runner and writes the passing episodes as chat rows ({messages, tools}) for an SFT stage.",
+    )
+    d.add_argument("env", metavar="ENV", help="a bundled name (posttrain env list) or module:Class")
+    d.add_argument("--out", required=True, metavar="FILE", help="the jsonl file to write")
+    d.add_argument("--n", type=int, default=256, help="tasks (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="task seed (default: %(default)s)")
+    d.add_argument("--split", default="train", choices=("train", "held_out"), help="(default: %(default)s)")
+    d.add_argument("--format", default="tiny", help="tool-call format: tiny or hermes (default: %(default)s)")
+    d.add_argument(
+        "--tokenizer", metavar="DIR", help="a tokenizer with a chat template (default: the tiny one)"
+    )
+    d.set_defaults(func=_demos)
     return p
+
+
+def _demos(args) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain.agents.demos import demo_rows
+
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        from posttrain.tasks.tiny import build_tokenizer
+
+        tokenizer = build_tokenizer()
+    rows = demo_rows(args.env, tokenizer, n=args.n, seed=args.seed, split=args.split, tool_format=args.format)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{args.env}: {len(rows)} of {args.n} golden episodes written to {out}")
+    return 0
 
 
 def _list(args) -> int:

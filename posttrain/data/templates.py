@@ -91,7 +91,7 @@ def to_example(input_ids: list[int], loss_mask: list[bool]) -> Example:
 
 
 def encode_messages(
-    tokenizer, messages: list[dict], *, add_generation_prompt: bool = False
+    tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, tools: list[dict] | None = None
 ) -> tuple[list[int], list[bool]]:
     """Render `messages` with the tokenizer's chat template; return token ids and an assistant mask.
 
@@ -99,6 +99,7 @@ def encode_messages(
         tokenizer: a fast Hugging Face tokenizer with a chat template.
         messages: [{"role": ..., "content": ...}, ...].
         add_generation_prompt: append the assistant header (for prompts that the model will complete).
+        tools: JSON schemas of tools the template renders (agent demos: the episode's tools).
 
     Returns:
         (input_ids [T], is_assistant [T]): `is_assistant[t]` is True for tokens the assistant wrote,
@@ -109,6 +110,8 @@ def encode_messages(
         `{% generation %}` markers); assistant messages present but no token was marked as theirs.
     """
     template = _chat_template(tokenizer)
+    if tools:  # every render below sees the same tools
+        tokenizer = _WithTools(tokenizer, tools)
     if _GENERATION_TAG.search(template):
         ids, mask = _mask_from_generation_tags(tokenizer, messages, add_generation_prompt)
     else:
@@ -123,6 +126,22 @@ def encode_messages(
             "{% generation %} markers, or remove them so assistant turns are located by prefix rendering."
         )
     return ids, mask
+
+
+class _WithTools:
+    """A tokenizer whose `apply_chat_template` always renders `tools` (everything else passes through)."""
+
+    def __init__(self, tokenizer, tools: list[dict]):
+        self._tokenizer, self._tools = tokenizer, tools
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self._tokenizer.apply_chat_template(messages, tools=self._tools, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
 
 
 def _chat_template(tokenizer) -> str:
@@ -398,7 +417,7 @@ def encode_sft_row(
 
 def _ids_and_loss_mask(row: dict[str, Any], tokenizer) -> tuple[list[int], list[bool]]:
     if "messages" in row:
-        return encode_messages(tokenizer, row["messages"])
+        return encode_messages(tokenizer, row["messages"], tools=row.get("tools"))
     if "prompt" in row and "completion" in row:
         prompt_ids, completion_ids, completion_mask = _encode_prompt_completion(
             tokenizer, row["prompt"], row["completion"]

@@ -497,8 +497,9 @@ def default_rules(kind: Literal["online", "offline"] = "online") -> list[Rule]:
     offline (SFT, RM, DPO family, KTO): non-finite values, gradient-norm spikes, and eval loss
     rising 0.1 above its best (overfitting). online (PPO, GRPO family): every rule, defaults
     as in each class (reward hacking compares ``reward/mean`` with ``eval/pass@1``), plus
-    "truncation" (over half the completions hit the length budget) and "no_signal" (over 90%
-    of groups have all-equal rewards).
+    "truncation" (over half the completions hit the length budget), "no_signal" (over 90%
+    of groups have all-equal rewards), and for agent runs "agent_hack" (any hack attempt),
+    "agent_infra" (over 5% of episodes failed by infrastructure) and "agent_drift" (any drift).
     """
     if kind == "offline":
         return [NonFinite(), GradNormSpike(), EvalRegression(metric="eval/loss", mode="min", max_drop=0.1)]
@@ -515,6 +516,11 @@ def default_rules(kind: Literal["online", "offline"] = "online") -> list[Rule]:
             PolicyLag(),
             Threshold(name="truncation", metric="completion_length/truncated_share", above=0.5),
             Threshold(name="no_signal", metric="groups/zero_std_share", above=0.9),
+            # agent episodes (logged by env runs only): any hack attempt, infrastructure failing more than
+            # one episode in 20, any tokenization drift (posttrain/agents/failures.py)
+            Threshold(name="agent_hack", metric="agent/hack_frac", above=0.0),
+            Threshold(name="agent_infra", metric="agent/infra_frac", above=0.05),
+            Threshold(name="agent_drift", metric="agent/drift_frac", above=0.0),
         ]
     raise ValueError(f"default_rules: kind must be 'online' or 'offline' (got {kind!r})")
 

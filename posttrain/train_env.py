@@ -1,0 +1,155 @@
+"""An online RL stage on agent episodes (a run config with an `env:` section): the same loop, objectives
+and checkpoints as `train.train_online`, with `agents.source.EnvSource` as the step source.
+
+    posttrain train examples/agent_calculator.yaml
+
+Files beside the usual ones: trajectories.jsonl (one line per episode: turns, token spans, tool calls
+and results, grade, stop reason, failure label, ids and mask), and eval/* metrics from greedy episodes
+on held-out tasks (eval/pass@1 is the share of held-out tasks done).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain import algorithms
+from posttrain.agents.config import task_rows
+from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
+from posttrain.config import RunConfig, dump_config
+from posttrain.engine.loop import make_accelerator, train_loop
+from posttrain.engine.run import Run
+from posttrain.errors import ConfigError
+from posttrain.models import count_parameters, load_model, load_tokenizer
+from posttrain.train import StageResult, build_monitor, files, finish, make_engine
+
+
+def env_reward_fns(cfg: RunConfig, policy_token_budget: int):
+    """The reward: the environment's grade (component `env`, weight `env.weight`) plus `rl.rewards` on
+    the assistant's text, plus DAPO's overlong penalty over policy tokens when `rl.overlong_penalty`."""
+    from posttrain.rewards import Combined, combine
+
+    components = {"env": (env_reward, cfg.env.weight)}
+    specs = list(cfg.rl.rewards)
+    if cfg.rl.overlong_penalty:
+        n = policy_token_budget
+        specs.append(
+            {"name": "overlong_penalty", "max_length": n, "cache": cfg.rl.overlong_cache or max(1, n // 5)}
+        )
+    if specs:
+        try:
+            extra = combine(specs).components
+        except (ValueError, TypeError, ImportError) as e:
+            raise ConfigError(f"rl.rewards: {e}") from None
+        if "env" in extra:
+            raise ConfigError(
+                "rl.rewards: the component name 'env' is the environment's grade; give it a 'label'"
+            )
+        components.update(extra)
+    return Combined(components)
+
+
+def env_evaluator(cfg: RunConfig, tasks: list[dict], engine, tokenizer, factory, accelerator):
+    """Greedy episodes on held-out tasks: eval/pass@1 (share done), eval/reward, eval/turns and the
+    agent shares (hack, infra, drift)."""
+    runner = make_runner(cfg, tokenizer, greedy=True)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = tasks[rank::world]
+
+    def evaluate(model) -> dict[str, float]:
+        episodes = runner.run(engine, factory, mine, env_name=factory.name)
+        sums = torch.tensor(
+            [
+                float(len(episodes)),
+                float(sum(passed(e) for e in episodes)),
+                float(sum(e.reward for e in episodes)),
+                float(sum(sum(t.sampled for t in e.turns) for e in episodes)),
+                float(sum(e.policy_tokens for e in episodes)),
+            ],
+            device=accelerator.device,
+        )
+        sums = accelerator.reduce(sums, "sum").cpu()
+        n = max(1.0, sums[0].item())
+        out = {
+            "eval/pass@1": sums[1].item() / n,
+            "eval/reward": sums[2].item() / n,
+            "eval/turns": sums[3].item() / n,
+            "eval/completion_length": sums[4].item() / n,
+        }
+        out.update({f"eval/{k.removeprefix('agent/')}": v for k, v in agent_shares(episodes).items()})
+        return out
+
+    return evaluate
+
+
+def train_env(cfg: RunConfig, *, resume: bool = False) -> StageResult:
+    """An online RL stage on episodes of `cfg.env` (module docstring)."""
+    from accelerate.utils import set_seed
+
+    algo = algorithms.get(cfg.algorithm)
+    accelerator = make_accelerator(cfg.train.precision)
+    set_seed(cfg.train.seed)
+    run = Run(cfg.out, write=accelerator.is_main_process)
+    tokenizer = load_tokenizer(cfg.model)
+    train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
+    tasks = task_rows(cfg.env, train_files, split="train")
+    eval_tasks = task_rows(cfg.env, eval_files, split="held_out")
+
+    model = algo.load_model(cfg) if hasattr(algo, "load_model") else load_model(cfg.model)
+    reference = None
+    if cfg.rl.kl_coef > 0:
+        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
+        reference.to(accelerator.device)
+    trainable, total = count_parameters(model)
+    accelerator.print(
+        f"{cfg.algorithm} on {cfg.env.name}: {len(tasks)} tasks x {cfg.rollout.group_size} episodes, model "
+        f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
+    )
+    run.write_text("config.yaml", dump_config(cfg))
+    run.write_manifest(
+        config=cfg.model_dump(mode="json"),
+        seed=cfg.train.seed,
+        inputs=train_files + eval_files,
+        models=[cfg.model.path] + ([cfg.ppo.critic] if cfg.algorithm == "ppo" and cfg.ppo.critic else []),
+        data={"tasks": len(tasks), "eval_tasks": len(eval_tasks), "env": cfg.env.name},
+        parameters={"total": total, "trainable": trainable},
+        processes=accelerator.num_processes,
+    )
+    model.to(accelerator.device)
+    engine = make_engine(
+        cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
+    )
+    main = accelerator.is_main_process
+    if not resume and main:
+        for path in (run.samples_file, run.path / "trajectories.jsonl"):
+            if path.exists():
+                path.unlink()
+    budget = make_runner(cfg, tokenizer).budgets
+    source = EnvSource(
+        cfg,
+        tasks=tasks,
+        tokenizer=tokenizer,
+        engine=engine,
+        reward=env_reward_fns(cfg, budget.max_turns * budget.max_new_tokens),
+        algo=algo,
+        accelerator=accelerator,
+        samples_path=run.samples_file if main else None,
+        reference=reference,
+    )
+    evaluator = None
+    if eval_tasks:
+        evaluator = env_evaluator(cfg, eval_tasks, engine, tokenizer, source.factory, accelerator)
+    try:
+        result = train_loop(
+            cfg.train,
+            accelerator=accelerator,
+            model=model,
+            objective=algo.Objective(cfg, source),
+            data=source,
+            evaluator=evaluator,
+            run=run,
+            monitor=build_monitor(cfg, run, accelerator),
+            resume=resume,
+        )
+    finally:
+        source.close()
+    return finish(result, algo, model, tokenizer, run, accelerator)

@@ -706,7 +706,8 @@ def _has_checkpoint(stage: Stage) -> bool:
 def _run_train(pipe: Pipeline, stage: Stage, resume: bool) -> None:
     import posttrain.train  # looked up at call time, so that tests can stand in for train()
 
-    result = posttrain.train.train(stage.config, resume=resume)
+    # Without a checkpoint to continue, whatever a same-config attempt left in the stage's directory goes.
+    result = posttrain.train.train(stage.config, resume=resume, overwrite=not resume)
     if result.interrupted:
         raise PipelineInterrupted(
             f"stage '{stage.name}' stopped at step {result.step} ({result.interrupted}); run the pipeline "

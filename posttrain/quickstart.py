@@ -176,7 +176,7 @@ def _stage(cfg: RunConfig, fresh: bool):
         return
     t0 = time.time()
     resume = not fresh and (Path(cfg.out) / "checkpoints").is_dir()
-    result = train(cfg, resume=resume)
+    result = train(cfg, resume=resume, overwrite=not resume)  # no checkpoint: start the stage again
     if result.interrupted:
         raise SystemExit(130)
     print(

@@ -141,16 +141,53 @@ def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult
     )
 
 
-def train(config: RunConfig | str | Path | dict, *, overrides=(), resume: bool = False) -> StageResult:
+def train(
+    config: RunConfig | str | Path | dict,
+    *,
+    overrides=(),
+    resume: bool = False,
+    overwrite: bool = False,
+    allow_changed=(),
+) -> StageResult:
+    """Run one stage into `cfg.out`. An existing run there is refused unless `resume` (continue from its
+    last checkpoint; a change to a key that changes the result is refused unless named in
+    `allow_changed`) or `overwrite` (delete it first); the directory is locked while the stage runs
+    (engine/rundir.py)."""
     cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
-    if cfg.online:
-        return train_online(cfg, resume=resume)
-    algo = algorithms.get(cfg.algorithm)
     accelerator = make_accelerator(cfg.train.precision)
+    run = Run(cfg.out, write=accelerator.is_main_process)
+    run.claim(
+        config_text=dump_config(cfg),
+        inputs=stage_inputs(cfg),
+        resume=resume,
+        overwrite=overwrite,
+        allow_changed=allow_changed,
+    )
+    try:
+        return (train_online if cfg.online else train_offline)(cfg, accelerator, run, resume=resume)
+    finally:
+        run.release()
+
+
+def stage_inputs(cfg: RunConfig) -> dict[str, list]:
+    """The files each result-changing config key reads (compared by content on --resume)."""
+    from posttrain.engine.run import model_files
+
+    models = {"model.path": cfg.model.path, "dpo.ref_model": next(iter(reference_models(cfg)), None)}
+    if cfg.algorithm == "ppo":
+        models["ppo.critic"] = cfg.ppo.critic
+    return {
+        "data.train": files(cfg.data.train),
+        **{key: model_files(path) for key, path in models.items() if path},
+    }
+
+
+def train_offline(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) -> StageResult:
+    """An offline stage (SFT, reward model, DPO family, KTO) into a claimed run directory."""
     from accelerate.utils import set_seed
 
+    algo = algorithms.get(cfg.algorithm)
     set_seed(cfg.train.seed)
-    run = Run(cfg.out, write=accelerator.is_main_process)
     say = accelerator.print
 
     tokenizer = load_tokenizer(cfg.model)
@@ -303,20 +340,19 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
     return evaluate
 
 
-def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
-    """An online RL stage (GRPO family, PPO): the loop over rollouts of the policy itself."""
+def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) -> StageResult:
+    """An online RL stage (GRPO family, PPO), into a claimed run directory: the loop over rollouts of the
+    policy itself."""
     if getattr(cfg, "env", None) is not None:  # agent episodes (posttrain/train_env.py)
         from posttrain.train_env import train_env
 
-        return train_env(cfg, resume=resume)
+        return train_env(cfg, resume=resume)  # into the same directory, claimed and locked by train()
     from accelerate.utils import set_seed
 
     from posttrain.rollout.source import RolloutSource
 
     algo = algorithms.get(cfg.algorithm)
-    accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.train.seed)
-    run = Run(cfg.out, write=accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
     rows, encoded = prompt_rows(train_files, tokenizer, cfg)
@@ -348,8 +384,6 @@ def train_online(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     engine = make_engine(
         cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
     )
-    if not resume and run.samples_file.exists() and accelerator.is_main_process:
-        run.samples_file.unlink()
     source = RolloutSource(
         cfg,
         rows=rows,

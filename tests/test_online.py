@@ -115,7 +115,7 @@ def full_and_resumed(task, tmp_path, cut_at: int, **opts):
     cut["train"]["max_steps"] = cut_at
     train(cut)
     cut["train"]["max_steps"] = opts["max_steps"]
-    resumed = train(cut, resume=True)
+    resumed = train(cut, resume=True, allow_changed=["train.max_steps"])
     assert [round(x, 6) for x in rewards(full.run_dir)] == [round(x, 6) for x in rewards(resumed.run_dir)]
     return full, resumed
 

@@ -2,6 +2,7 @@
 
     posttrain quickstart [--out DIR]            the demo: build a tiny model, pretrain it, SFT it, compare
     posttrain train CONFIG.yaml [--set k=v]     run one stage (the config names the algorithm)
+              [--resume [--allow-changed K] | --overwrite]   continue or replace an existing run
     posttrain data validate FILE [--kind K]     check a dataset file; errors name file, line and field
     posttrain eval rm --model DIR [--data F]    audit a reward model: accuracy, calibration, biases
     posttrain report RUN_DIR                    report.html (plots, tables, alerts) of a run or a pipeline

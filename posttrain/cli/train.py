@@ -35,7 +35,25 @@ def add_parsers(sub) -> None:
         help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
     )
     t.add_argument("--out", help="run directory (overrides the config's 'out')")
-    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the run directory from its last complete checkpoint; a config that changes "
+        "the result (lr, batch sizes, data, model, seed, algorithm options) is refused unless --allow-changed",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in the run directory and start again (without it, or --resume, an "
+        "existing run is refused)",
+    )
+    t.add_argument(
+        "--allow-changed",
+        action="append",
+        metavar="KEY[,KEY]",
+        help="with --resume: accept a change to these config keys or sections, e.g. train.lr or train "
+        "(repeatable; recorded in manifest.json)",
+    )
     t.set_defaults(func=_train)
 
 
@@ -52,7 +70,13 @@ def _train(args) -> int:
     overrides = list(args.set or [])
     if args.out:
         overrides.append(f"out={args.out}")
-    result = train(args.config, overrides=overrides, resume=args.resume)
+    result = train(
+        args.config,
+        overrides=overrides,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changed=args.allow_changed or (),
+    )
     if result.interrupted:
         print(f"interrupted by {result.interrupted} at step {result.step}; resume with --resume")
         return 130

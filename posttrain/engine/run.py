@@ -110,6 +110,8 @@ class Run:
         self.write = write
         self._trackers: list = []
         self._config: dict = {}
+        self._lock = None
+        self.resume_record: dict | None = None  # set by `claim` on --resume, appended to the manifest
         if write:
             self.path.mkdir(parents=True, exist_ok=True)
 
@@ -117,6 +119,19 @@ class Run:
     final = property(lambda self: self.path / "final")
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     samples_file = property(lambda self: self.path / "samples.jsonl")
+
+    def claim(self, **kw) -> None:
+        """Refuse or lock this directory before anything is written (engine/rundir.py); main process."""
+        if self.write:
+            from posttrain.engine.rundir import claim
+
+            self._lock = claim(self, **kw)
+
+    def release(self) -> None:
+        """Drop the run's lock (the end of the stage, success or not)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def write_text(self, name: str, text: str) -> None:
         if self.write:
@@ -141,6 +156,12 @@ class Run:
             "parents": parent_runs([*inputs, *models]),
             **extra,
         }
+        previous = self.path / "manifest.json"
+        if self.resume_record is not None and previous.is_file():
+            # a resumed run keeps its start and its history of resumes (with any accepted changes)
+            old = json.loads(previous.read_text())
+            manifest["created"] = old.get("created", manifest["created"])
+            manifest["resumes"] = [*old.get("resumes", []), self.resume_record]
         self.write_text("manifest.json", json.dumps(manifest, indent=2))
         return manifest
 
@@ -155,19 +176,21 @@ class Run:
     # ------------------------------------------------------------------ metrics
 
     def open_metrics(self, *, resume_step: int | None, tensorboard: bool, trackers=()) -> None:
-        """Start the metrics log. On resume, drop lines logged after the checkpoint we resume from:
-        those steps are about to be run again and would otherwise appear twice."""
+        """Start the metrics log. On resume, drop the lines of metrics.jsonl and samples.jsonl logged
+        after the checkpoint we resume from: those steps are about to be run again and would otherwise
+        appear twice."""
         if not self.write:
             return
-        if resume_step is not None and self.metrics_file.exists():
-            kept = [
-                line
-                for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.metrics_file.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and self.metrics_file.exists():
-            self.metrics_file.unlink()
+        for log in (self.metrics_file, self.samples_file):  # samples.jsonl: the step that trains on them
+            if resume_step is not None and log.exists():
+                kept = [
+                    line
+                    for line in log.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                ]
+                log.write_text("".join(line + "\n" for line in kept))
+            elif resume_step is None and log.exists():
+                log.unlink()
         from posttrain.monitor.trackers import available, make_trackers
 
         names = list(trackers)

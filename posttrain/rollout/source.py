@@ -315,7 +315,7 @@ class RolloutSource:
             adv = buffer.sequence.get("advantages")
             extra = {"advantage": [round(float(a), 6) for a in adv]} if adv is not None else None
             buffer.write_samples(
-                self.samples_path, step=self.rollouts, prompts=generated.prompts, extra=extra
+                self.samples_path, step=step, prompts=generated.prompts, extra=extra
             )
         return self._steps(buffer, metrics)
 

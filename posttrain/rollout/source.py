@@ -314,9 +314,7 @@ class RolloutSource:
         if self.samples_path is not None and self.ro.samples_log:
             adv = buffer.sequence.get("advantages")
             extra = {"advantage": [round(float(a), 6) for a in adv]} if adv is not None else None
-            buffer.write_samples(
-                self.samples_path, step=step, prompts=generated.prompts, extra=extra
-            )
+            buffer.write_samples(self.samples_path, step=step, prompts=generated.prompts, extra=extra)
         return self._steps(buffer, metrics)
 
     def _steps(self, buffer: RolloutBuffer, metrics: dict) -> list[Step]:

@@ -642,6 +642,7 @@ def run_pipeline(
         raise ConfigError(
             f"{', '.join(foreign)}: not empty and not written by a pipeline; move it away or choose another out"
         )
+    _check_gate_metrics(chosen, pipe)
     for s in pipe.stages:  # stages not selected keep their recorded state
         if s.name not in chosen_names and is_complete(s):
             state[s.name]["status"] = "complete"
@@ -652,6 +653,24 @@ def run_pipeline(
     if cards:
         _write_cards(pipe, state)
     return outcome
+
+
+def _check_gate_metrics(chosen: list[Stage], pipe: Pipeline) -> None:
+    """A gates stage naming a metric its eval stage's suite cannot produce (a typo) is a config error now,
+    not a failed gate after every stage before it ran."""
+    from posttrain.eval.gates import check_metric_names, load_gates, suite_metric_names
+    from posttrain.eval.suite import load_suite
+
+    evals = {s.run_dir / EVAL_ATTRS["eval"]: s for s in pipe.stages if s.kind == "eval"}
+    for stage in (s for s in chosen if s.kind == "gates"):
+        source = evals.get(Path(stage.config.current))
+        if source is not None:
+            known = suite_metric_names(
+                load_suite(source.config.suite), against=source.config.against is not None
+            )
+            check_metric_names(
+                load_gates(stage.config.gates), known, f"stage '{stage.name}': {stage.config.gates}"
+            )
 
 
 def _run_stage(pipe: Pipeline, stage: Stage, state: State, fresh: bool) -> str:

@@ -126,10 +126,12 @@ def _eval_run(args) -> int:
 
     if args.baseline and not args.gates:
         raise ConfigError("--baseline is only used with --gates")
-    if args.gates:  # a broken gates file should fail before minutes of generation, not after
-        from posttrain.eval.gates import load_gates
+    if args.gates:  # a broken gates file (or a misspelt metric) fails before minutes of generation
+        from posttrain.eval.gates import check_metric_names, load_gates, suite_metric_names
+        from posttrain.eval.suite import load_suite
 
-        load_gates(args.gates)
+        known = suite_metric_names(load_suite(args.suite), against=args.against is not None)
+        check_metric_names(load_gates(args.gates), known, args.gates)
     result, path = run_suite(args.suite, args.model, against=args.against, out=args.out)
     print(format_table(result.report))
     print(f"wrote {path} and {path.with_name('eval_samples.jsonl')}")

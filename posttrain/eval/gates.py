@@ -15,6 +15,10 @@ fails when its metric is missing or not a number in either file (null, NaN): a g
 be checked must not pass silently in CI. Differences are absolute (pass@1 0.50 -> 0.48 is a drop
 of 0.02), compared with a 1e-9 tolerance so that float rounding in the files cannot flip a gate
 set at exactly the observed change. The command prints a table and exits 1 when any gate fails.
+
+A gate naming a metric that the results cannot hold (a typo: ``pass@l``) is a config error (exit 2, with
+the closest name), not a failed gate: ``posttrain eval run --gates`` and pipelines check the names against
+the suite's metrics before anything is generated, ``posttrain eval gates`` against the files' metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from posttrain.config import Section
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, unknown
 from posttrain.eval.suite import read_yaml, validate
 
 TOLERANCE = 1e-9
@@ -137,6 +141,35 @@ def check_gate(gate: Gate, current: Mapping, baseline: Mapping | None) -> GateRe
     return GateResult(gate, now, base, not failures, "; ".join(failures))
 
 
+def suite_metric_names(suite, *, against: bool = False) -> set[str]:
+    """Every metric name an evaluation of `suite` (eval/suite.py's `evaluate`) can write: what a gate on
+    it may name. Known before anything is generated."""
+    from posttrain.eval.metrics import length_stats
+
+    cfg = suite.config
+    names = {f"completion_length/{k}" for k in length_stats([1.0])} | {"completion_length/truncated_share"}
+    if suite.scorer is not None:
+        names |= {"accuracy", "reward/mean", *(f"pass@{k}" for k in cfg.pass_k)}
+        for name in suite.scorer.components:
+            names |= {f"reward/{name}/mean", f"reward/{name}/failure_rate"}
+        if against:
+            names.add("win_rate")
+    if cfg.refusal:
+        names |= {"refusal_rate", "over_refusal_rate"}
+    return names
+
+
+def check_metric_names(gates: list[Gate], known, where: str) -> None:
+    """A gate on a metric outside `known` is a config error naming the gate and the closest name."""
+    bad = [
+        f"{where}: gate {i + 1}: {unknown('gate metric', g.metric, known)}"
+        for i, g in enumerate(gates)
+        if g.metric not in known
+    ]
+    if bad:
+        raise ConfigError("\n".join(bad))
+
+
 def check_gates(gates: list[Gate], current: Mapping, baseline: Mapping | None = None) -> list[GateResult]:
     """Every gate against ``current`` metrics (and ``baseline`` metrics for relative gates).
 
@@ -182,5 +215,7 @@ def run_gates(
     gates = load_gates(gates_path)
     now = current if isinstance(current, Mapping) else load_metrics(current)
     base = baseline if baseline is None or isinstance(baseline, Mapping) else load_metrics(baseline)
+    where = gates_path if isinstance(gates_path, str) else str(gates_path)
+    check_metric_names(gates, {*now, *(base or {})}, where)  # a name in neither file is a typo, not a fail
     results = check_gates(gates, now, base)
     return results, all(r.passed for r in results)

@@ -17,6 +17,7 @@
                                                 regression gates; exit code 1 when one fails
     posttrain eval judge --model DIR --labels F a judge model's agreement with human labels (kappa)
     posttrain env list | env check ENV          agent environments; golden trajectories and hack probes
+    posttrain collect init|serve|export|...     human feedback web app: compare, rate, edit; agreement, leaderboard
 
 Errors caused by input (config, data, paths) are printed as one clear message, exit code 2.
 A failed regression gate exits with code 1.
@@ -29,11 +30,11 @@ import os
 import sys
 
 from posttrain import __version__
-from posttrain.cli import audit, data, env, generate, pipeline, report, train
+from posttrain.cli import audit, collect, data, env, generate, pipeline, report, train
 from posttrain.cli import eval as eval_
 from posttrain.errors import PosttrainError
 
-GROUPS = (train, data, eval_, pipeline, generate, report, audit, env)
+GROUPS = (train, data, eval_, pipeline, generate, report, audit, env, collect)
 """One module per command group, each with ``add_parsers(subparsers)``; a new group is one more line."""
 
 

@@ -318,6 +318,17 @@ class RLOptions(Section):
     )
 
 
+class SandboxConfig(Section):
+    """Where untrusted code (code rewards, agent tools) runs: `posttrain.sandbox`."""
+
+    backend: Literal["auto", "bwrap", "process"] = Field(
+        "auto",
+        description="auto / bwrap: the OS-level bubblewrap sandbox (an error where it cannot run, saying how "
+        "to get it). process: the weaker in-process one, opted into explicitly; it warns at every run and "
+        "is written into the manifest and model card.",
+    )
+
+
 class GroupRLOptions(RLOptions):
     """The GRPO family's `rl` section: the shared options plus the advantage estimator and the loss
     aggregation, the two choices that tell GRPO, Dr. GRPO, DAPO, RLOO and REINFORCE++ apart."""
@@ -534,6 +545,7 @@ class OnlineRun(RunConfig):
     rollout: RolloutConfig = RolloutConfig()
     rl: GroupRLOptions = GroupRLOptions()
     env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
+    sandbox: SandboxConfig = SandboxConfig()
 
 
 class PPORun(RunConfig):
@@ -542,6 +554,7 @@ class PPORun(RunConfig):
     rl: RLOptions = RLOptions()
     ppo: PPOOptions = PPOOptions()
     env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
+    sandbox: SandboxConfig = SandboxConfig()
 
 
 RUN_TYPES: dict[str, type[RunConfig]] = {

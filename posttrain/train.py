@@ -340,6 +340,28 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
     return evaluate
 
 
+def sandbox_for(cfg: RunConfig, run: Run) -> dict:
+    """The sandbox of this run's untrusted code (code rewards, agent tools): its backend, logged to
+    sandbox.jsonl in the run directory; the manifest records it. A weak backend is said out loud."""
+    from posttrain import sandbox
+
+    try:
+        info = sandbox.configure(cfg.sandbox.backend, log_dir=run.path)
+    except sandbox.SandboxUnavailable as e:
+        specs = [*cfg.rl.rewards, *(cfg.rl.eval_rewards or [])]
+        if getattr(cfg, "env", None) is None and not any(_runs_code(spec) for spec in specs):
+            return {"backend": None, "reason": "no reward runs code"}
+        raise ConfigError(f"sandbox.backend: {e}") from None
+    if info["weak"]:
+        print("warning: sandbox.backend is `process`: untrusted code runs without OS-level isolation")
+    return info
+
+
+def _runs_code(spec) -> bool:
+    name = spec if isinstance(spec, str) else spec.get("name", "")
+    return "code" in str(name)
+
+
 def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) -> StageResult:
     """An online RL stage (GRPO family, PPO), into a claimed run directory: the loop over rollouts of the
     policy itself."""
@@ -357,6 +379,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
     rows, encoded = prompt_rows(train_files, tokenizer, cfg)
     eval_rows, eval_encoded = prompt_rows(eval_files, tokenizer, cfg) if eval_files else (None, None)
+    sandbox_info = sandbox_for(cfg, run)
     reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
     eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
 
@@ -379,6 +402,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
         data={"prompts": len(rows), "eval_prompts": len(eval_rows or [])},
         parameters={"total": total, "trainable": trainable},
         processes=accelerator.num_processes,
+        sandbox=sandbox_info,
     )
     model.to(accelerator.device)
     engine = make_engine(

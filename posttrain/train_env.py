@@ -20,7 +20,7 @@ from posttrain.engine.loop import make_accelerator, train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError
 from posttrain.models import count_parameters, load_model, load_tokenizer
-from posttrain.train import StageResult, build_monitor, files, finish, make_engine
+from posttrain.train import StageResult, build_monitor, files, finish, make_engine, sandbox_for
 
 
 def env_reward_fns(cfg: RunConfig, policy_token_budget: int):
@@ -91,6 +91,7 @@ def train_env(cfg: RunConfig, *, resume: bool = False) -> StageResult:
     run = Run(cfg.out, write=accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
+    sandbox_info = sandbox_for(cfg, run)  # the env's tools run code in it
     tasks = task_rows(cfg.env, train_files, split="train")
     eval_tasks = task_rows(cfg.env, eval_files, split="held_out")
 
@@ -113,6 +114,7 @@ def train_env(cfg: RunConfig, *, resume: bool = False) -> StageResult:
         data={"tasks": len(tasks), "eval_tasks": len(eval_tasks), "env": cfg.env.name},
         parameters={"total": total, "trainable": trainable},
         processes=accelerator.num_processes,
+        sandbox=sandbox_info,
     )
     model.to(accelerator.device)
     engine = make_engine(

@@ -120,10 +120,11 @@ def test_the_resolved_config_holds_the_stages_own_sections_and_the_kinds_own_opt
     common = {"algorithm", "out", "model", "data", "train", "monitor"}
     assert sections("sft") == common
     assert sections("dpo") == common | {"dpo"} and sections("kto") == common | {"kto"}
-    assert sections("grpo") == common | {"rollout", "rl"} and sections("ppo") == common | {
+    assert sections("grpo") == common | {"rollout", "rl", "sandbox"} and sections("ppo") == common | {
         "rollout",
         "rl",
         "ppo",
+        "sandbox",
     }
     grpo, ppo = (load_config(BASE | {"algorithm": a}) for a in ("grpo", "ppo"))
     # PPO's GAE and critic live in `ppo`; the GRPO family's advantage and aggregation in its `rl` only

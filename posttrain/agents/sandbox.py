@@ -1,9 +1,9 @@
 """The one place agent tools run untrusted code: the narrow interface the bundled environments need.
 
 Environments that execute the policy's code (``fix_bug``'s ``run_tests`` and its grader) call a
-:class:`CodeRunner`; nothing else in ``posttrain.agents`` starts a process. Today it runs on
-``posttrain.rewards.sandbox`` (a separate, limited process per run); when the OS-level sandbox
-(``posttrain/sandbox/``) lands, :class:`ProcessRunner` is the one class to re-point.
+:class:`CodeRunner`; nothing else in ``posttrain.agents`` starts a process. :class:`SandboxRunner` runs
+on :mod:`posttrain.sandbox`, the same sandbox (backend, limits, cleanup, run-directory log) as the code
+rewards: verdicts decided outside the program, any violation fails every test.
 
     runner.run(source, tests=[...], files={...}, timeout_s=...) -> Execution
 """
@@ -44,22 +44,23 @@ class CodeRunner(Protocol):
     ) -> Execution: ...
 
 
-class ProcessRunner:
-    """:class:`CodeRunner` on ``posttrain.rewards.sandbox.run_python``.
+class SandboxRunner:
+    """:class:`CodeRunner` on :func:`posttrain.sandbox.run_python`.
 
-    ``source`` runs as ``__main__`` in a fresh temporary directory that first holds ``files``
+    ``source`` runs as ``__main__`` in the sandbox's private workdir, which first holds ``files``
     (relative paths; written by a short prelude inside the sandbox, so the files never touch the host's
     disk outside that directory); each test snippet then runs in the program's namespace.
 
     Args:
         memory_mb: address-space limit of each run.
+        backend: the sandbox backend; default the configured one (``sandbox.backend``).
     """
 
-    def __init__(self, *, memory_mb: int = 512):
-        self.memory_mb = memory_mb
+    def __init__(self, *, memory_mb: int = 512, backend: str | None = None):
+        self.memory_mb, self.backend = memory_mb, backend
 
     def run(self, source, *, tests=(), files=None, timeout_s=10.0) -> Execution:
-        from posttrain.rewards.sandbox import run_python
+        from posttrain.sandbox import run_python
 
         code = source
         if files:
@@ -72,10 +73,12 @@ class ProcessRunner:
                 "    _o.makedirs(_o.path.dirname(_p) or '.', exist_ok=True)\n"
                 "    open(_p, 'w').write(_t)\n"
                 "del _o, _p, _t\n"
-                f"exec(compile({source!r}, 'main.py', 'exec'))\n"
+                f"exec(compile({source!r}, '<main.py>', 'exec'))\n"
             )
         try:
-            r = run_python(code, tests=list(tests), timeout_s=timeout_s, memory_mb=self.memory_mb)
+            r = run_python(
+                code, tests=list(tests), timeout_s=timeout_s, memory_mb=self.memory_mb, backend=self.backend
+            )
         except OSError as e:  # the sandbox process could not start: not the policy's doing
             raise InfraError(f"sandbox did not start: {e}", "infra.sandbox") from e
         if not r.layers and not r.timed_out:  # the bootstrap reports its layers before the program runs
@@ -83,7 +86,7 @@ class ProcessRunner:
                 f"sandbox bootstrap failed (exit {r.returncode}): {r.stderr[-300:]}", "infra.sandbox"
             )
         return Execution(
-            ok=r.ok and all(r.tests_passed),
+            ok=r.ok,
             exit_code=r.returncode,
             stdout=r.stdout,
             stderr=r.stderr,
@@ -93,5 +96,8 @@ class ProcessRunner:
         )
 
 
+ProcessRunner = SandboxRunner  # the name the agents issue used; it is no longer a plain process
+
+
 def default_runner() -> CodeRunner:
-    return ProcessRunner()
+    return SandboxRunner()

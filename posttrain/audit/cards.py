@@ -261,8 +261,14 @@ def model_card_lines(
         ("posttrain", (manifest.get("versions") or {}).get("posttrain")),
         ("git commit", manifest.get("git_commit")),
         ("pipeline", pipeline.get("pipeline")),
+        ("sandbox", (manifest.get("sandbox") or {}).get("backend")),
     ]
     lines += [f"- **{k}**: {_cell(v)}" for k, v in facts if v is not None]
+    if (manifest.get("sandbox") or {}).get("weak"):
+        lines.append(
+            "- **warning**: untrusted code (code rewards, agent tools) ran on the weak `process` sandbox "
+            "backend, without OS-level isolation"
+        )
     lines += [
         "",
         "## Intended use",

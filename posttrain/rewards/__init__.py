@@ -30,7 +30,7 @@ from posttrain.rewards.combine import (
 )
 from posttrain.rewards.math import extract_answer, math_answer, math_equal
 from posttrain.rewards.model import reward_model
-from posttrain.rewards.sandbox import Result, run_many, run_python
+from posttrain.sandbox import Result, run_many, run_python  # the sandbox's names, kept here for callers
 
 __all__ = [
     "REWARD_FACTORIES",

@@ -282,7 +282,7 @@ def train_loop(
     ckpt_root = run.checkpoints
     last = checkpoint.latest(ckpt_root)
     if resume and last is not None:
-        checkpoint.load(accelerator, last)
+        last = checkpoint.load_latest(accelerator, ckpt_root, accelerator.print)  # verified, else older
         apply_scales()
         accelerator.print(f"resumed from {last} (step {state.step})")
     elif last is not None:
@@ -346,16 +346,26 @@ def train_loop(
                 # pathological row); a streak means the run has diverged and must stop loudly.
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_streak += 1
+                if state.nonfinite_streak == 1:
+                    state.nonfinite_from = state.step
                 accelerator.print(
                     f"warning: step {state.step}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
                     f"update skipped ({state.nonfinite_streak} in a row)"
                 )
                 if state.nonfinite_streak > cfg.max_nonfinite_steps:
+                    # No checkpoint is saved during a streak; one holding the weights it began from is no good.
+                    bad = checkpoint.mark_diverged(accelerator, ckpt_root, state.nonfinite_from)
                     last_ok = checkpoint.latest(ckpt_root)
                     raise TrainingError(
                         f"loss or gradients were NaN/Inf for {state.nonfinite_streak} consecutive steps at step "
                         f"{state.step}: the run diverged. Lower train.lr, keep train.max_grad_norm set, or check the "
-                        f"data. Last good checkpoint: {last_ok or 'none'}"
+                        f"data. Last checkpoint saved before the streak: {last_ok or 'none'}"
+                        + (" (--resume continues from it)" if last_ok else "")
+                        + (
+                            f"; {', '.join(bad)} held the weights the streak began from: marked DIVERGED"
+                            if bad
+                            else ""
+                        )
                     )
             else:
                 optimizer.step()
@@ -406,13 +416,14 @@ def train_loop(
                 action = monitor.decision(alerts)
                 if action == "rollback":
                     last_ok = checkpoint.latest(ckpt_root)
+                    if last_ok is not None:
+                        last_ok = checkpoint.load_latest(accelerator, ckpt_root, accelerator.print)
                     if last_ok is None:
                         accelerator.print(
                             "health: no checkpoint to roll back to (set train.save_every); stopping"
                         )
                         action = "stop"
                     else:
-                        checkpoint.load(accelerator, last_ok)
                         apply_scales()
                         accelerator.print(
                             f"health: rolled back to {last_ok.name} (step {state.step}); settings scaled by "
@@ -425,7 +436,10 @@ def train_loop(
 
             stop = stats[2].item() > 0  # any process got a signal
             if stop or action == "stop" or (cfg.save_every and state.step % cfg.save_every == 0):
-                checkpoint.save(accelerator, ckpt_root, state.step, keep=cfg.keep_checkpoints)
+                if state.nonfinite_streak:  # never: it would hold the weights of a run going wrong
+                    accelerator.print(f"step {state.step}: no checkpoint during a streak of non-finite steps")
+                else:
+                    checkpoint.save(accelerator, ckpt_root, state.step, keep=cfg.keep_checkpoints)
             if stop:
                 result.interrupted = signals.received or "signal"
                 accelerator.print(f"\nstopped at step {state.step}; checkpoint saved. Resume with --resume.")

@@ -320,3 +320,44 @@ def test_golden_demo_rows_train_exactly_the_policy_mask():
         mask = [False] * len(ep.prompt_ids) + ep.mask
         assert ex.input_ids == ids
         assert ex.targets == [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]
+
+
+@pytest.mark.slow  # ~15 s alone, more on a busy machine
+def test_the_example_config_trains_writes_trajectories_and_the_report_shows_agent_metrics(tmp_path):
+    from posttrain.engine.run import read_metrics
+    from posttrain.report import write_report
+    from posttrain.tasks.tiny import build_tiny
+    from posttrain.train import train
+
+    model = build_tiny(tmp_path / "tiny", seed=0)
+    cfg = load_config(
+        "examples/agent_calculator.yaml",
+        [
+            f"model.path={model}",
+            f"out={tmp_path / 'run'}",
+            "env.tasks=8",
+            "env.eval_tasks=2",
+            "env.budgets.max_new_tokens=12",
+            "rollout.prompts_per_step=2",
+            "rollout.group_size=2",
+            "train.max_steps=1",
+            "train.eval_every=1",
+            "train.progress=false",
+            "train.tensorboard=false",
+        ],
+    )
+    res = train(cfg)
+    m = {k: v for line in read_metrics(res.run_dir) for k, v in line.items()}
+    for name in (
+        "agent/turns",
+        "agent/env_token_frac",
+        "agent/hack_frac",
+        "agent/infra_frac",
+        "agent/success",
+    ):
+        assert name in m
+    assert any(k.startswith("agent/stop/") for k in m) and "eval/pass@1" in res.eval_metrics
+    lines = (res.run_dir / "trajectories.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and all(json.loads(x)["step"] == 0 for x in lines)
+    page = write_report(res.run_dir).read_text()
+    assert "Agent episodes at step 0" in page and 'class="sampled"' in page and "stop reason" in page

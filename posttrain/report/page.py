@@ -16,6 +16,8 @@ from pathlib import Path
 
 from posttrain import __version__
 from posttrain.errors import PosttrainError
+from posttrain.report.agents import CSS as AGENT_CSS
+from posttrain.report.agents import agent_section
 from posttrain.report.plots import ACTION_COLOURS, draw_panel, draw_rm_audit, plan_panels
 from posttrain.report.runs import RunData, is_run, load_run, stage_dirs
 
@@ -75,7 +77,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
 <title>{_esc(title)}</title>
-<style>{CSS}</style>
+<style>{CSS}{AGENT_CSS}</style>
 </head>
 <body>
 <header><div class="wrap">
@@ -122,6 +124,7 @@ def _run_section(run: RunData, plots: Path, *, prefix: str, anchors: dict[Path, 
         parts.append(_rm_audit(run, plots, prefix))
     if run.samples:
         parts.append(_samples(run.samples))
+    parts.append(agent_section(run.path))  # agent runs: labels, stops, episodes with the mask view
     if series or nonfinite:
         parts.append(_metric_table(series, nonfinite))
     if run.config_text:

@@ -60,6 +60,24 @@ PANELS = (
     Panel(
         "policy", "Policy update", (("clip_fraction", "value_clip_fraction"), ("approx_kl",), ("ratio_mean",))
     ),
+    Panel(
+        "agent",
+        "Agent episodes: outcomes, failure labels, stop reasons",
+        (
+            ("agent/success", "agent/hack_frac", "agent/infra_frac", "agent/drift_frac", "agent/masked_frac"),
+            ("agent/failure/*",),
+            ("agent/stop/*",),
+        ),
+    ),
+    Panel(
+        "agent-tools",
+        "Agent turns and tools",
+        (
+            ("agent/turns", "agent/tool_calls/*", "agent/tool_errors/*"),
+            ("agent/env_token_frac",),
+            ("agent/policy_tokens",),
+        ),
+    ),
     Panel("optim", "Learning rate and gradient norm", (("lr",), ("grad_norm",)), last=True),
     Panel(
         "throughput",
@@ -70,7 +88,16 @@ PANELS = (
     Panel(
         "time",
         "Seconds per step (log scale)",
-        (("step_s", "rollout/seconds", "generation/seconds", "reward/seconds", "reward/*/seconds"),),
+        (
+            (
+                "step_s",
+                "rollout/seconds",
+                "generation/seconds",
+                "agent/*_seconds",
+                "reward/seconds",
+                "reward/*/seconds",
+            ),
+        ),
         log_y=True,
         last=True,
     ),

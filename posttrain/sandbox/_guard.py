@@ -236,7 +236,10 @@ def install_guard(workdir: str, report, *, max_threads: int, allowed_frame_code:
         started[0] += 1
         if started[0] > max_threads:
             refuse(f"starting more than {max_threads} threads")
-        return start_new(*args, **kwargs)
+        try:
+            return start_new(*args, **kwargs)
+        except RuntimeError:  # the kernel's limit (RLIMIT_NPROC, or address space for the stacks) came first
+            refuse(f"starting threads past the process limits ({started[0]} started)")
 
     for module, name in (
         (_thread, "start_new_thread"),

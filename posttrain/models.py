@@ -25,15 +25,26 @@ def _check_source(name: str, what: str) -> None:
         raise ConfigError(f"{what} not found: {name} (no such directory)")
 
 
+# Any one of these makes a directory a tokenizer's (fast, sentencepiece, BPE vocab, or a config naming one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.path
+    key = "model.tokenizer" if cfg.tokenizer else "model.path"
     _check_source(name, "tokenizer path" if cfg.tokenizer else "model path")
+    local = Path(name).expanduser()
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {name} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "there (tokenizer.save_pretrained), or set model.tokenizer to the directory or hub name that has it"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"cannot load tokenizer {name!r}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: files there that no installed backend can read
+        raise ConfigError(f"{key}: cannot load the tokenizer in {name!r}: {e}") from None
     if tok.pad_token is None:
         # Padding positions are masked everywhere, so any id will do; eos is the usual choice.
         tok.pad_token = tok.eos_token

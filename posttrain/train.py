@@ -17,7 +17,7 @@ from posttrain.data.batching import collate, packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
 from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, RewardError, disk_full
 from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
 
 
@@ -128,7 +128,8 @@ def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             final = run.final
-            getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
+            with disk_full(f"step {result.step}: writing the final model to {final}"):
+                getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
             run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
         accelerator.wait_for_everyone()
     return StageResult(
@@ -318,7 +319,10 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
 
     def evaluate(model) -> dict[str, float]:
         completions = [g[0] for g in engine.generate(ids, 1, greedy)]
-        scores = score_completions(reward, mine, completions)
+        try:
+            scores = score_completions(reward, mine, completions)
+        except RewardError as e:
+            raise RewardError(f"held-out evaluation ({', '.join(files(cfg.data.eval))}): {e}") from None
         total = torch.tensor(scores.total, dtype=torch.float32)
         sums = torch.tensor(
             [

@@ -2,16 +2,33 @@
 that end cleanly and resume bit-identically, reward fns that misbehave named with their step."""
 
 import json
+import shutil
 
 import pytest
+import yaml
 
+from posttrain.cli import main
+from posttrain.engine.run import Run
+from posttrain.errors import RewardError, TrainingError
 from posttrain.tasks import arithmetic
 from posttrain.tasks.tiny import build_tiny
 from posttrain.train import train
 
 REWARD_MODULE = """
+calls = [0]
+
+
 def digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) if c else 0.0 for c in completions]
+
+
+def nan_from_the_second_call(prompts, completions, **_):
+    calls[0] += 1
+    return [float("nan") if calls[0] >= 2 and i == 1 else 0.5 for i in range(len(completions))]
+
+
+def one_short(prompts, completions, **_):
+    return [0.0] * (len(completions) - 1)
 """
 
 
@@ -54,3 +71,68 @@ def test_samples_are_truncated_to_the_checkpoint_on_resume(task, tmp_path):
     assert sample_steps(out) == [1] * 4 + [2] * 4 + [3] * 4
     train(config(task, out, save_every=2), resume=True)  # runs step 3 again
     assert sample_steps(out) == [1] * 4 + [2] * 4 + [3] * 4  # once each, not step 3 twice
+
+
+def test_a_reward_fn_returning_nan_names_itself_and_the_step(task, tmp_path):
+    import recovery_rewards
+
+    recovery_rewards.calls[0] = 0
+    cfg = config(task, tmp_path / "nan", rl={"rewards": ["recovery_rewards:nan_from_the_second_call"]})
+    with pytest.raises(RewardError, match=r"^step 2: reward component 'recovery_rewards:nan_from_the_second_call' "
+                       r"returned nan at index 1 \(scores must be finite\)"):  # fmt: skip
+        train(cfg)
+
+
+def test_a_reward_fn_error_under_async_generation_names_the_step(task, tmp_path):
+    import recovery_rewards
+
+    recovery_rewards.calls[0] = 0
+    cfg = config(task, tmp_path / "nan", rollout={"max_policy_lag": 1},
+                 rl={"rewards": ["recovery_rewards:nan_from_the_second_call"]})  # fmt: skip
+    with pytest.raises(TrainingError, match=r"rollout generation failed: step 2: reward component"):
+        train(cfg)
+
+
+def test_cli_wrong_number_of_scores_message(task, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(config(task, tmp_path / "r", rl={"rewards": ["recovery_rewards:one_short"]}))
+    )
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "step 1: reward component 'recovery_rewards:one_short' returned 3 scores for 4 completions" in err
+    assert "Traceback" not in err
+
+
+def test_a_model_directory_without_a_tokenizer_is_a_clear_error(task, tmp_path, capsys):
+    model = tmp_path / "no_tokenizer"
+    shutil.copytree(task[0] / "tiny", model)
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    cfg = config(task, tmp_path / "r")
+    cfg["model"]["path"] = str(model)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"model.path: {model} holds no tokenizer" in err and "model.tokenizer" in err
+
+
+def test_a_full_disk_is_a_clear_error_naming_the_file_and_step(task, tmp_path, monkeypatch):
+    from posttrain.rollout.buffer import RolloutBuffer
+
+    real = RolloutBuffer.write_samples
+    monkeypatch.setattr(
+        RolloutBuffer, "write_samples", lambda self, path, **kw: real(self, "/dev/full", **kw)
+    )
+    out = tmp_path / "full"
+    with pytest.raises(
+        TrainingError, match=rf"disk full: step 1: writing {out / 'samples.jsonl'}; free space"
+    ):
+        train(config(task, out))
+
+    run = Run(tmp_path / "r")
+    (run.path / "config.yaml").symlink_to("/dev/full")  # the kernel's own ENOSPC
+    with pytest.raises(TrainingError, match=rf"disk full: writing {run.path / 'config.yaml'}"):
+        run.write_text("config.yaml", "x" * 100_000)

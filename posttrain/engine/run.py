@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from posttrain.errors import disk_full
+
 PACKAGES = (
     "posttrain",
     "torch",
@@ -135,7 +137,8 @@ class Run:
 
     def write_text(self, name: str, text: str) -> None:
         if self.write:
-            (self.path / name).write_text(text)
+            with disk_full(f"writing {self.path / name}"):
+                (self.path / name).write_text(text)
 
     def write_manifest(
         self, *, config: dict, seed: int, inputs: list[str | Path], models: list[str], **extra
@@ -171,7 +174,8 @@ class Run:
         path = self.path / "manifest.json"
         manifest = json.loads(path.read_text()) if path.exists() else {}
         manifest.update(fields)
-        path.write_text(json.dumps(manifest, indent=2))
+        with disk_full(f"writing {path}"):
+            path.write_text(json.dumps(manifest, indent=2))
 
     # ------------------------------------------------------------------ metrics
 
@@ -202,7 +206,7 @@ class Run:
         if not self.write:
             return
         record = {"step": step, "time": round(time.time(), 3), **metrics}
-        with open(self.metrics_file, "a") as f:
+        with disk_full(f"step {step}: writing {self.metrics_file}"), open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
         for tracker in self._trackers:
             tracker.log(step, metrics)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from posttrain.errors import RewardError
 from posttrain.rewards.basic import RewardFn, exact_match, format_regex, length_penalty, overlong_penalty
 from posttrain.rewards.code import code_tests
 from posttrain.rewards.math import math_answer
@@ -160,10 +161,10 @@ class Combined:
         self.components: dict[str, tuple[RewardFn, float]] = {}
         for name, entry in components.items():
             if not (isinstance(entry, tuple) and len(entry) == 2 and callable(entry[0])):
-                raise ValueError(f"reward component {name!r}: expected (fn, weight), got {entry!r}")
+                raise RewardError(f"reward component {name!r}: expected (fn, weight), got {entry!r}")
             fn, weight = entry
             if not math.isfinite(float(weight)):
-                raise ValueError(f"reward component {name!r}: weight must be finite, got {weight!r}")
+                raise RewardError(f"reward component {name!r}: weight must be finite, got {weight!r}")
             self.components[name] = (fn, float(weight))
 
     def __call__(self, prompts: Sequence, completions: Sequence, **row_fields) -> list[float]:
@@ -197,21 +198,21 @@ def _checked(name: str, scores, n: int) -> list[float]:
     try:
         values = list(scores)
     except TypeError:
-        raise ValueError(
+        raise RewardError(
             f"reward component {name!r} returned {type(scores).__name__}, not a list of {n} floats"
         ) from None
     if len(values) != n:
-        raise ValueError(f"reward component {name!r} returned {len(values)} scores for {n} completions")
+        raise RewardError(f"reward component {name!r} returned {len(values)} scores for {n} completions")
     out = []
     for i, value in enumerate(values):
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise RewardError(
                 f"reward component {name!r} returned a non-number at index {i}: {value!r}"
             ) from None
         if not math.isfinite(value):
-            raise ValueError(
+            raise RewardError(
                 f"reward component {name!r} returned {value} at index {i} (scores must be finite)"
             )
         out.append(value)

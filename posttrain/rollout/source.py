@@ -31,7 +31,7 @@ import torch
 from posttrain.advantages import AdaptiveKLController, FixedKLController
 from posttrain.data.templates import encode_prompts
 from posttrain.engine.loop import Step
-from posttrain.errors import ConfigError, TrainingError
+from posttrain.errors import ConfigError, RewardError, TrainingError, disk_full
 from posttrain.rollout.buffer import RolloutBuffer
 from posttrain.rollout.engine import Completion, HFEngine, Sampling
 
@@ -128,6 +128,7 @@ class RolloutSource:
         self.cursor = 0  # prompts this process has drawn
         self.rollouts = 0  # rollouts trained on (= policy version)
         self.pending: list[Step] = []
+        self.scoring_step = 1  # the optimiser step the rollout being scored is for (error messages)
         self._producer: _Producer | None = None
         rl = self.rl
         self.kl_ctl = (
@@ -283,7 +284,10 @@ class RolloutSource:
         if missing:
             raise TrainingError(f"prompt rows differ in their fields ({sorted(missing)} missing in some)")
         rows = [self.rows[i] for i in index for _ in range(G)]
-        return score_completions(self.reward, rows, [c for g in groups for c in g])
+        try:
+            return score_completions(self.reward, rows, [c for g in groups for c in g])
+        except RewardError as e:  # name the step that would have trained on these samples
+            raise RewardError(f"step {self.scoring_step}: {e}") from None
 
     # ------------------------------------------------------------------ the rollout
 
@@ -299,6 +303,7 @@ class RolloutSource:
                 self._producer = _Producer(self, self.policy(net))
             generated, version = self._producer.take(self.rollouts)
         else:
+            self.scoring_step = step
             generated, version = self.generate_scored(self.engine), self.rollouts
         wait_s = time.perf_counter() - t0
         buffer = generated.buffer
@@ -314,7 +319,8 @@ class RolloutSource:
         if self.samples_path is not None and self.ro.samples_log:
             adv = buffer.sequence.get("advantages")
             extra = {"advantage": [round(float(a), 6) for a in adv]} if adv is not None else None
-            buffer.write_samples(self.samples_path, step=step, prompts=generated.prompts, extra=extra)
+            with disk_full(f"step {step}: writing {self.samples_path}"):
+                buffer.write_samples(self.samples_path, step=step, prompts=generated.prompts, extra=extra)
         return self._steps(buffer, metrics)
 
     def _steps(self, buffer: RolloutBuffer, metrics: dict) -> list[Step]:
@@ -474,6 +480,7 @@ class _Producer:
                     version, weights = latest
                     self.engine.model.load_state_dict(weights)
                     self.engine.policy_version = version
+                self.source.scoring_step = self.produced * self.source.steps_per_rollout + 1
                 generated = self.source.generate_scored(self.engine)
                 self.queue.put((generated, self.engine.policy_version))
                 self.produced += 1

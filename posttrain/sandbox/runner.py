@@ -57,6 +57,7 @@ class Result:
         workdir: where it ran (the OS backend: a tmpfs inside the sandbox; the process backend: a removed
             temporary directory).
         tag: a random word on the sandbox's command line (tests look for leftover processes by it).
+        cpu_s: CPU seconds the sandboxed interpreter reported at its end (None if it never got there).
     """
 
     ok: bool
@@ -74,6 +75,7 @@ class Result:
     pid: int
     workdir: str
     tag: str = ""
+    cpu_s: float | None = None
 
 
 class SandboxUnavailable(RuntimeError):
@@ -236,12 +238,16 @@ def _result(
     if program_error:
         stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + program_error + "\n"
     finished = "end" in records and returncode == 0 and killed is None
+    try:
+        cpu_s = float(records.get("end") or "nan") if "end" in records else None
+    except ValueError:
+        cpu_s = None
     ok = finished and not violation and all(passed) and (bool(n) or not program_error)
     return Result(
         ok=ok, returncode=returncode, stdout=stdout, stderr=stderr, timed_out=killed == "timeout",
         killed_reason=killed, tests_passed=tuple(passed), test_errors=tuple(errors), violation=violation,
         layers=_layers(backend) if "ready" in records else (), backend=backend,
-        seconds=time.monotonic() - start, pid=proc.pid, workdir=workdir,
+        seconds=time.monotonic() - start, pid=proc.pid, workdir=workdir, cpu_s=cpu_s,
     )  # fmt: skip
 
 

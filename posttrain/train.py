@@ -372,7 +372,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
     if getattr(cfg, "env", None) is not None:  # agent episodes (posttrain/train_env.py)
         from posttrain.train_env import train_env
 
-        return train_env(cfg, resume=resume)  # into the same directory, claimed and locked by train()
+        return train_env(cfg, accelerator, run, resume=resume)
     from accelerate.utils import set_seed
 
     from posttrain.rollout.source import RolloutSource

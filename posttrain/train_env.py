@@ -16,7 +16,7 @@ from posttrain import algorithms
 from posttrain.agents.config import task_rows
 from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
 from posttrain.config import RunConfig, dump_config
-from posttrain.engine.loop import make_accelerator, train_loop
+from posttrain.engine.loop import train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError
 from posttrain.models import count_parameters, load_model, load_tokenizer
@@ -81,14 +81,13 @@ def env_evaluator(cfg: RunConfig, tasks: list[dict], engine, tokenizer, factory,
     return evaluate
 
 
-def train_env(cfg: RunConfig, *, resume: bool = False) -> StageResult:
-    """An online RL stage on episodes of `cfg.env` (module docstring)."""
+def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) -> StageResult:
+    """An online RL stage on episodes of `cfg.env` into a run directory `train.train` claimed (module
+    docstring)."""
     from accelerate.utils import set_seed
 
     algo = algorithms.get(cfg.algorithm)
-    accelerator = make_accelerator(cfg.train.precision)
     set_seed(cfg.train.seed)
-    run = Run(cfg.out, write=accelerator.is_main_process)
     tokenizer = load_tokenizer(cfg.model)
     train_files, eval_files = files(cfg.data.train), files(cfg.data.eval)
     sandbox_info = sandbox_for(cfg, run)  # the env's tools run code in it
@@ -121,10 +120,6 @@ def train_env(cfg: RunConfig, *, resume: bool = False) -> StageResult:
         cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
     )
     main = accelerator.is_main_process
-    if not resume and main:
-        for path in (run.samples_file, run.path / "trajectories.jsonl"):
-            if path.exists():
-                path.unlink()
     budget = make_runner(cfg, tokenizer).budgets
     source = EnvSource(
         cfg,

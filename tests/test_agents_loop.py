@@ -358,6 +358,6 @@ def test_the_example_config_trains_writes_trajectories_and_the_report_shows_agen
         assert name in m
     assert any(k.startswith("agent/stop/") for k in m) and "eval/pass@1" in res.eval_metrics
     lines = (res.run_dir / "trajectories.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and all(json.loads(x)["step"] == 0 for x in lines)
+    assert len(lines) == 4 and all(json.loads(x)["step"] == 1 for x in lines)
     page = write_report(res.run_dir).read_text()
-    assert "Agent episodes at step 0" in page and 'class="sampled"' in page and "stop reason" in page
+    assert "Agent episodes at step 1" in page and 'class="sampled"' in page and "stop reason" in page

@@ -132,21 +132,6 @@ class EnvSource(RolloutSource):
         self.trajectories_path = Path(samples_path).with_name("trajectories.jsonl") if samples_path else None
         self.last_episodes: list[Episode] = []
 
-    # ------------------------------------------------------------------ checkpoint
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        # Episodes of rollouts after the checkpoint are about to be generated again: drop their lines.
-        path = self.trajectories_path
-        if path is not None and path.exists():
-            last = self.rollouts + (1 if self.pending else 0)
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < last
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
-
     # ------------------------------------------------------------------ episodes
 
     def generate_scored(self, engine) -> Generated:
@@ -247,7 +232,7 @@ class EnvSource(RolloutSource):
             with open(self.trajectories_path, "a") as f:
                 for i, e in enumerate(self.last_episodes):
                     record = {
-                        "step": self.rollouts,
+                        "step": step,  # as samples.jsonl: the first optimiser step that trains on them
                         "run_id": self.trajectories_path.parent.name,
                         "reward": round(float(buffer.rewards[i]), 6),
                         "advantage": None if adv is None else round(float(adv[i]), 6),

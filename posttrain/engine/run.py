@@ -185,7 +185,8 @@ class Run:
         appear twice."""
         if not self.write:
             return
-        for log in (self.metrics_file, self.samples_file):  # samples.jsonl: the step that trains on them
+        # samples.jsonl, trajectories.jsonl (agent episodes): by the step that trains on them
+        for log in (self.metrics_file, self.samples_file, self.path / "trajectories.jsonl"):
             if resume_step is not None and log.exists():
                 kept = [
                     line

@@ -34,6 +34,7 @@ RUN_FILES = (
     "manifest.json",
     "metrics.jsonl",
     "samples.jsonl",
+    "trajectories.jsonl",
     "alerts.jsonl",
     "checkpoints",
     "final",

@@ -15,21 +15,15 @@ message per problem that names the key and, for a misspelling, the key that was 
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError, unknown
 from posttrain.monitor.rules import MonitorConfig
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from posttrain.sections import Section, explain
 
 
 class LoraConfig(Section):
@@ -617,7 +611,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | tuple[str, ...
         raise ConfigError(f"{name}: invalid config\n  {e}") from None
     except ValidationError as e:
         raise ConfigError(
-            f"{name}: invalid config\n" + "\n".join(_explain(e, RUN_TYPES[raw["algorithm"]]))
+            f"{name}: invalid config\n" + "\n".join(explain(e, RUN_TYPES[raw["algorithm"]]))
         ) from None
 
 
@@ -645,46 +639,3 @@ def dump_config(cfg: RunConfig) -> str:
     if "dpo" in raw:
         raw["dpo"] = {k: v for k, v in raw["dpo"].items() if not (k in KIND_OPTION_FIELDS and v is None)}
     return yaml.safe_dump(raw, sort_keys=False)
-
-
-def _explain(err: ValidationError, root: type[BaseModel]) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = [str(x) for x in e["loc"]]
-        key = ".".join(loc) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            known = _fields_at(root, loc[:-1])
-            close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
-            hint = (
-                f"; did you mean '{'.'.join(loc[:-1] + close)}'?"
-                if close
-                else f"; valid keys here: {', '.join(known)}"
-            )
-            lines.append(f"  unknown key '{key}'{hint}")
-        elif e["type"] == "missing":
-            lines.append(f"  missing required key '{key}'")
-        elif e["type"] == "value_error":  # our own checks: the message says it all
-            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return lines
-
-
-def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
-    """Field names of the section reached by following `loc` from `model`."""
-    for part in loc:
-        field = model.model_fields.get(part)
-        sub = _section_type(field.annotation) if field else None
-        if sub is None:
-            return []
-        model = sub
-    return list(model.model_fields)
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):  # Optional[Section]
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
-    return None

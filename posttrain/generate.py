@@ -44,7 +44,7 @@ def model_sampler(model_path: str, sampling: Sampling, *, batch_size: int | None
     """A sampler generating with the model at ``model_path`` (GPU when there is one); message-list
     prompts go through its chat template with the generation prompt."""
     from posttrain.data.templates import encode_prompts
-    from posttrain.eval.suite import load_engine
+    from posttrain.rollout.engine import load_engine
 
     engine, tokenizer = load_engine(model_path, batch_size=batch_size)
 
@@ -214,7 +214,7 @@ class Principle(BaseModel):
 
 def load_principles(path: str | Path = DEFAULT_PRINCIPLES) -> list[Principle]:
     """A YAML list of ``{id, critique, revision}``; ConfigError naming the file and entry."""
-    from posttrain.eval.suite import read_yaml, validate
+    from posttrain.sections import read_yaml, validate
 
     raw = read_yaml(path)
     if not isinstance(raw, list) or not raw:

@@ -80,8 +80,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from posttrain.config import Section, apply_override, load_config
+from posttrain.config import apply_override, load_config
 from posttrain.errors import ConfigError, PosttrainError
+from posttrain.sections import Section
 
 MARKER = "STAGE_COMPLETE"  # {"hash", "finished"}: written when a stage finished
 STARTED = "STAGE_STARTED"  # {"hash", "started"}: which config the (partial) contents of a stage dir belong to

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.algorithms.reward import RewardModel
 from posttrain.config import (
     DataConfig,
     GroupRLOptions,
@@ -36,6 +35,7 @@ from posttrain.config import (
     TrainConfig,
 )
 from posttrain.eval.generation import accuracy_by_level, generate_greedy
+from posttrain.rewards.model import RewardModel
 from posttrain.tasks import arithmetic, preference
 from posttrain.tasks.tiny import build_tiny
 from posttrain.train import train

@@ -16,6 +16,7 @@ from posttrain.eval.judge import (
     agreement,
     judge,
     load_rubric,
+    pairwise_win_rate,
     parse_scores,
     parse_verdict,
 )
@@ -172,27 +173,27 @@ def test_a_judge_that_always_picks_position_a_is_all_inconsistent():
     assert (report.consistent, report.inconsistent, report.failures, report.dropped) == (0, 6, 0, 0)
     assert report.verdicts == ["tie"] * 6
     assert [(r.first, r.swapped) for r in report.results] == [("A", "B")] * 6
-    assert report.win_rate.rate == 0.5
+    assert pairwise_win_rate(report).rate == 0.5
     dropped = first_position.pairwise(PROMPTS, GOOD, BAD, inconsistent="drop")
-    assert (dropped.inconsistent, dropped.dropped, dropped.win_rate) == (6, 6, None)
+    assert (dropped.inconsistent, dropped.dropped, pairwise_win_rate(dropped)) == (6, 6, None)
     assert dropped.verdicts == [None] * 6
     # without swapping the bias is invisible: A "wins" everything
     blind = first_position.pairwise(PROMPTS, BAD, GOOD, swap=False)
-    assert blind.win_rate.rate == 1.0 and blind.consistent == blind.inconsistent == 0
+    assert pairwise_win_rate(blind).rate == 1.0 and blind.consistent == blind.inconsistent == 0
 
 
 def test_a_consistent_judge_and_counted_failures():
     report = Judge(prefers_good, RUBRIC).pairwise(PROMPTS, BAD[:3] + GOOD[3:], GOOD[:3] + BAD[3:])
     assert (report.consistent, report.inconsistent, report.failures) == (6, 0, 0)
     assert report.verdicts == ["B"] * 3 + ["A"] * 3
-    assert report.win_rate.rate == 0.5 and (report.win_rate.wins, report.win_rate.losses) == (3, 3)
+    assert (wr := pairwise_win_rate(report)).rate == 0.5 and (wr.wins, wr.losses) == (3, 3)
 
     def garbage_when_swapped(prompts):  # A first for the first half of the calls, garbage after
         return ["[[A]]"] * (len(prompts) // 2) + ["\x00 no idea"] * (len(prompts) // 2)
 
     broken = Judge(garbage_when_swapped, RUBRIC).pairwise(PROMPTS, GOOD, BAD)
     assert (broken.failures, broken.consistent, broken.inconsistent) == (6, 0, 0)
-    assert broken.verdicts == [None] * 6 and broken.win_rate is None
+    assert broken.verdicts == [None] * 6 and pairwise_win_rate(broken) is None
     assert "B first: no verdict" in broken.results[0].error
     with pytest.raises(RuntimeError, match="returned 1 outputs for 12"):
         Judge(lambda prompts: ["[[A]]"], RUBRIC).pairwise(PROMPTS, GOOD, BAD)

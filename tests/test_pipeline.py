@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 import posttrain.train
+from posttrain.cli import pipeline as pipeline_cli
 from posttrain.errors import ConfigError, DataError
 from posttrain.pipeline import (
     MARKER,
     GatesFailed,
     PipelineInterrupted,
-    add_parser,
     load_pipeline,
     run_pipeline,
 )
@@ -271,7 +271,7 @@ def test_example_pipeline_loads_and_the_cli_parses(tmp_path):
     import argparse
 
     sub = argparse.ArgumentParser().add_subparsers()
-    p = add_parser(sub)
+    p = pipeline_cli.add_parsers(sub)
     args = p.parse_args([str(EXAMPLE), "--until", "sft", "--fresh", "--set", "sft.train.lr=1e-4"])
     assert (args.until, args.fresh, args.set) == ("sft", True, ["sft.train.lr=1e-4"])
     with pytest.raises(SystemExit):

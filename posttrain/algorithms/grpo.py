@@ -29,15 +29,10 @@ from posttrain.advantages import (
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum
-from posttrain.rollout.buffer import completion_forward
+from posttrain.rollout.buffer import tempered_forward
 
 KIND = "prompt"  # the row schema online algorithms read
-
-
-def forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
-    """(logits / temperature [N, C, V] of each completion token, None): the sampling distribution."""
-    logits, _ = completion_forward(model, batch, share_prompts=share_prompts)
-    return (logits / temperature if temperature != 1.0 else logits), None
+forward = tempered_forward  # the policy is a plain language model: tempered completion logits
 
 
 def old_logps(source, model, buffer) -> torch.Tensor:

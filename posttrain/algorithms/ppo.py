@@ -63,7 +63,7 @@ def load_model(cfg) -> PolicyWithValue:
     policy = load_causal_lm(cfg.model)
     critic = None
     if cfg.ppo.critic:
-        from posttrain.algorithms.reward import RewardModel
+        from posttrain.rewards.model import RewardModel
 
         critic = RewardModel.from_pretrained(cfg.ppo.critic, dtype=cfg.model.dtype)
     return PolicyWithValue(policy, critic)

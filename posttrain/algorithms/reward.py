@@ -5,100 +5,21 @@ so `final/` loads with plain transformers. The score of a sequence is the head a
 hidden state of its last token; we pool that token ourselves (from the batch's example index),
 which lets chosen and rejected of a whole micro-batch share ONE packed forward, like DPO.
 
-`RewardModel.score(prompts, completions)` is the reward function later stages call.
+`RewardModel` (in posttrain.rewards.model, beside the reward fn built on it) and its
+`score(prompts, completions)`, the reward function later stages call, are re-exported here.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from posttrain.algorithms import preference
-from posttrain.data.batching import collate as collate_examples
-from posttrain.data.templates import encode_prompt_completion, to_example
 from posttrain.hf_compat import enable_activation_checkpointing
 from posttrain.losses import reward_loss
-from posttrain.models import DTYPES, _check_source, is_peft
+from posttrain.rewards.model import RewardModel, last_token_positions
 
 KIND = "preference"
-
-
-def last_token_positions(example_index: torch.Tensor, num_examples: int) -> torch.Tensor:
-    """Flat position (row * L + col) of each example's last token. example_index: [R, L], -1 on padding."""
-    flat = example_index.flatten()
-    pos = torch.arange(flat.numel(), device=flat.device)
-    keep = flat >= 0
-    last = torch.full((num_examples,), -1, dtype=torch.long, device=flat.device)
-    return last.scatter_reduce(0, flat[keep], pos[keep], reduce="amax")
-
-
-class RewardModel(nn.Module):
-    """Scalar reward on top of a sequence-classification model (any causal LM backbone)."""
-
-    def __init__(self, model, tokenizer=None):
-        super().__init__()
-        self.model = model
-        self.tokenizer = tokenizer
-        inner = model.get_base_model() if is_peft(model) else model
-        if not hasattr(inner, "score"):
-            raise ValueError(
-                f"{type(inner).__name__} has no scalar 'score' head; not usable as a reward model"
-            )
-        self.backbone = getattr(inner, inner.base_model_prefix)
-        self.head = inner.score
-
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype: str = "float32", **kw) -> RewardModel:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        _check_source(path, "reward model path")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[dtype], **kw
-        )
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model, tokenizer)
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Scores [N] of the N sequences of a collated (padded or packed) batch."""
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        if "attention_mask" in batch:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        hidden = self.backbone(**kwargs).last_hidden_state  # [R, L, H]
-        n = int(batch["example_index"].max()) + 1
-        last = last_token_positions(batch["example_index"], n)
-        return self.head(hidden.flatten(0, 1)[last]).squeeze(-1).float()
-
-    @staticmethod
-    def encode(tokenizer, prompt, completion) -> list[int]:
-        """The token ids a (prompt, completion) is scored on: the SFT / DPO row's, the one prompt rule."""
-        prompt_ids, completion_ids = encode_prompt_completion(tokenizer, prompt, completion)
-        return prompt_ids + completion_ids
-
-    @torch.no_grad()
-    def score(self, prompts: list, completions: list, *, batch_size: int = 64, **_row_fields) -> list[float]:
-        """Reward of each (prompt, completion): the RewardFn signature of posttrain.rewards."""
-        if self.tokenizer is None:
-            raise ValueError("RewardModel.score needs a tokenizer (load with RewardModel.from_pretrained)")
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(prompts), batch_size):
-            examples = []
-            for p, c in zip(prompts[i : i + batch_size], completions[i : i + batch_size]):
-                ids = self.encode(self.tokenizer, p, c)
-                examples.append(to_example(ids, [False] * len(ids)))
-            batch = collate_examples(examples, pad_id=self.tokenizer.pad_token_id, packing=False)
-            out += self({k: v.to(device) for k, v in batch.items()}).tolist()
-        self.train(was_training)
-        return out
-
-    def save_pretrained(self, out) -> None:
-        model = self.model.merge_and_unload() if is_peft(self.model) else self.model
-        model.save_pretrained(out)
+__all__ = ["RewardModel", "last_token_positions", "load_model", "Objective"]
 
 
 def load_model(cfg_model) -> RewardModel:

@@ -321,7 +321,7 @@ def model_card_lines(
 
     lines += ["", "## Reproduce", ""]
     if hash_weights and final.is_dir():
-        from posttrain.engine.run import model_files, sha256_file
+        from posttrain.audit.hashes import model_files, sha256_file
 
         weights = [(f.name, sha256_file(f)) for f in model_files(final)]
         if weights:
@@ -462,9 +462,9 @@ def data_card(
     Raises:
         ConfigError: an unknown protocol, a missing dataset, a malformed filter.
     """
+    from posttrain.audit.hashes import hash_inputs
     from posttrain.data.io import read_rows
     from posttrain.data.schemas import detect_kind
-    from posttrain.engine.run import hash_inputs
 
     if protocol not in PROTOCOLS:
         raise ConfigError(f"data card: protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
@@ -542,7 +542,7 @@ def _filter_step(item) -> tuple[str, int, str]:
 
 
 def _source_row(source) -> tuple:
-    from posttrain.engine.run import sha256_file
+    from posttrain.audit.hashes import sha256_file
 
     if isinstance(source, Mapping):
         name = source.get("name") or source.get("path") or source.get("url") or "?"

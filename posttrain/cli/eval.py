@@ -102,9 +102,9 @@ def add_parsers(sub) -> None:
 def _eval_rm(args) -> int:
     from pathlib import Path
 
-    from posttrain.algorithms.reward import RewardModel
     from posttrain.data.schemas import load_rows
     from posttrain.eval.rm_audit import audit_reward_model, format_report
+    from posttrain.rewards.model import RewardModel
     from posttrain.tasks import preference
 
     pairs = (

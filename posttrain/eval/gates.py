@@ -31,9 +31,8 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from posttrain.config import Section
 from posttrain.errors import ConfigError, unknown
-from posttrain.eval.suite import read_yaml, validate
+from posttrain.sections import Section, read_yaml, validate
 
 TOLERANCE = 1e-9
 

@@ -17,7 +17,7 @@
 - ``scorers``: reward specs, summed with their weights into one score per sample: built-in
   verifiers (``exact_match``, ``math_answer``, ``code_tests``), ``{name: reward_model, path: ...}``,
   ``"module:function"``, or ``{name: judge, model_path: ..., rubric: default}``
-  (:func:`posttrain.eval.judge.judge`). Row fields reach them as in RL (``answer=[...]``).
+  (:func:`posttrain.rewards.judge.judge`). Row fields reach them as in RL (``answer=[...]``).
 
 Metrics, in ``eval.json`` under ``metrics`` (95% percentile-bootstrap intervals over prompts, never
 over samples of one prompt, under ``intervals``). Names follow the training logs, so a gate or a
@@ -38,25 +38,24 @@ sample by hand (``eval_samples.jsonl``), or score with a judge, before quoting t
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from posttrain.config import Section
-from posttrain.data.io import Location, type_name
+from posttrain.data.io import Location
 from posttrain.errors import ConfigError, DataError
 from posttrain.eval.metrics import bootstrap_ci, is_refusal, length_stats, pass_at_k, win_rate
+from posttrain.rollout.engine import load_engine
+from posttrain.sections import Section, read_yaml, validate
 
 SUITES_DIR = Path(__file__).parent / "suites"
 """Bundled suites (``<name>.yaml``), their prompt files and the judge rubrics (``rubrics/``)."""
@@ -158,75 +157,6 @@ class SuiteConfig(Section):
         return self
 
 
-# --------------------------------------------------------------------------------------- YAML helpers
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content; ConfigError naming the file when it is missing or not YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-
-
-def validate(model: type[M], raw: Any, where: str, what: str = "file") -> M:
-    """``model`` validated from ``raw``; ConfigError listing every wrong key of file ``where``
-    (``what`` it is: "suite", "rubric", ...)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type_name(raw)}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:
-        lines = [_explain(error, model) for error in e.errors()]
-        raise ConfigError(f"{where}: invalid {what}\n" + "\n".join(lines)) from None
-
-
-def _explain(error: dict, root: type[BaseModel]) -> str:
-    loc = list(error["loc"])
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "(top level)"
-    if error["type"] == "extra_forbidden":
-        known = _fields_at(root, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-        parent = key[: len(key) - len(str(loc[-1]))]
-        hint = f"; did you mean '{parent}{close[0]}'?" if close else f"; valid keys here: {', '.join(known)}"
-        return f"  unknown key '{key}'{hint}"
-    if error["type"] == "missing":
-        return f"  missing required key '{key}'"
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error":
-        return f"  {key}: {message}"
-    shown = repr(error.get("input"))
-    return f"  {key}: {message} (got {shown if len(shown) < 80 else shown[:77] + '...'})"
-
-
-def _fields_at(model: type[BaseModel], loc: list) -> list[str]:
-    """Field names of the model reached by following ``loc`` (list indices skipped)."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        info = model.model_fields.get(part)
-        sub = _model_in(info.annotation) if info else None
-        if sub is None:
-            return []
-        model = sub
-    return list(model.model_fields)
-
-
-def _model_in(annotation) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):  # Optional[X], list[X]
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
 def find_file(name: str, base_dir: Path | None) -> Path:
     """A relative path next to ``base_dir`` (a suite's folder) if it exists there, else as given."""
     path = Path(name).expanduser()
@@ -318,27 +248,15 @@ def load_suite(source: str | Path | dict) -> Suite:
 
 
 def build_scorer(specs: Sequence, *, where: str = "suite", base_dir: Path | None = None):
-    """One :class:`~posttrain.rewards.Combined` from reward specs and judge specs.
-
-    ``{name: judge, model_path: ..., rubric: ..., weight: ..., label: ...}`` builds
-    :func:`posttrain.eval.judge.judge` (the rubric may be a path next to the suite); every other
-    spec goes through :func:`posttrain.rewards.combine`, so it accepts exactly what RL configs do.
-    """
+    """One :class:`~posttrain.rewards.Combined` from reward specs (a judge is one of them), through
+    :func:`posttrain.rewards.combine`, so it accepts exactly what RL configs do; a relative rubric path is
+    looked up next to the suite first. A bad spec is an error naming the suite and the spec's index."""
     from posttrain.rewards import Combined, combine
 
     components: dict = {}
     for i, spec in enumerate(specs):
         try:
-            if isinstance(spec, Mapping) and spec.get("name") == "judge":
-                from posttrain.eval.judge import judge
-
-                options = {k: v for k, v in spec.items() if k not in ("name", "weight", "label")}
-                if isinstance(options.get("rubric"), str) and base_dir is not None:
-                    candidate = base_dir / options["rubric"]
-                    options["rubric"] = str(candidate) if candidate.is_file() else options["rubric"]
-                part = {spec.get("label", "judge"): (judge(**options), float(spec.get("weight", 1.0)))}
-            else:
-                part = combine([spec]).components
+            part = combine([spec], base_dir=base_dir).components
         except (ValueError, TypeError, ConfigError) as e:
             raise ConfigError(f"{where}: scorers[{i}]: {e}") from None
         for label in part:
@@ -585,22 +503,6 @@ def write_results(result: EvalResult, out_dir: str | Path) -> Path:
         for record in result.samples:
             f.write(json.dumps(strict_json(record)) + "\n")
     return path
-
-
-def load_engine(path: str, *, batch_size: int | None = None):
-    """``(HFEngine, tokenizer)`` for a model directory or hub name (GPU when there is one)."""
-    import torch
-
-    from posttrain.config import ModelConfig
-    from posttrain.models import load_model, load_tokenizer
-    from posttrain.rollout.engine import HFEngine
-
-    cfg = ModelConfig(path=str(path))
-    tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, trainable=False)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer
 
 
 def default_out_dir(model: str) -> Path:

@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from posttrain.sections import Section
 
 Action = Literal["warn", "stop", "rollback"]
 # When several rules fire at one step, the strongest action wins.
@@ -160,13 +162,6 @@ class History:
 
 
 # --------------------------------------------------------------------------------------- rules
-
-
-class Section(BaseModel):
-    """As posttrain.config.Section (unknown keys are errors), defined here so that config.py can
-    import this module's MonitorConfig without an import cycle."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class Rule(Section):

@@ -28,10 +28,12 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from posttrain.errors import RewardError
 from posttrain.rewards.basic import RewardFn, exact_match, format_regex, length_penalty, overlong_penalty
 from posttrain.rewards.code import code_tests
+from posttrain.rewards.judge import judge
 from posttrain.rewards.math import math_answer
 from posttrain.rewards.model import reward_model
 
@@ -47,15 +49,9 @@ REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "length_penalty": length_penalty,
     "overlong_penalty": overlong_penalty,
     "reward_model": reward_model,
-    "judge": lambda *a, **kw: _judge(*a, **kw),  # an LLM judge's pointwise score in [0, 1]
+    "judge": judge,  # an LLM judge's pointwise score in [0, 1]
 }
 """Built-ins that need options: a dict spec's options are the factory's arguments."""
-
-
-def _judge(*args, **kwargs) -> RewardFn:
-    from posttrain.eval.judge import judge  # lazy: the judge pulls in the generation engine
-
-    return judge(*args, **kwargs)
 
 
 def _describe(spec) -> str:
@@ -96,8 +92,9 @@ def _with_options(fn: Callable, options: dict, spec) -> RewardFn:
     return bound
 
 
-def resolve(spec) -> RewardFn:
-    """The RewardFn a config spec names (see the module docstring for the forms).
+def resolve(spec, *, base_dir: Path | None = None) -> RewardFn:
+    """The RewardFn a config spec names (see the module docstring for the forms). ``base_dir`` (the
+    folder of the file holding the spec) is passed to the factories that read files (a judge's rubric).
 
     Raises:
         ValueError: unknown name, bad or missing options, or an import path whose module or
@@ -124,6 +121,8 @@ def resolve(spec) -> RewardFn:
                 f"reward {spec!r}: {error}; {name} takes {needs}, "
                 f"e.g. {{'name': {name!r}, {needs[0]!r}: ...}}"
             ) from None
+        if "base_dir" in inspect.signature(factory).parameters:
+            options.setdefault("base_dir", base_dir)
         return factory(**options)
     if name in REWARD_FNS:
         return _with_options(REWARD_FNS[name], options, spec)
@@ -219,9 +218,9 @@ def _checked(name: str, scores, n: int) -> list[float]:
     return out
 
 
-def combine(specs: Sequence | Mapping) -> Combined:
-    """:class:`Combined` from config specs, each as :func:`resolve` takes, where a dict spec may
-    also hold ``weight`` (default 1.0) and ``label`` (the logged name).
+def combine(specs: Sequence | Mapping, *, base_dir: Path | None = None) -> Combined:
+    """:class:`Combined` from config specs, each as :func:`resolve` takes (with ``base_dir``), where a
+    dict spec may also hold ``weight`` (default 1.0) and ``label`` (the logged name).
 
     ``specs`` is a list (a component is named by its ``label``, else its ``name``) or a dict
     ``{label: spec}``. Example::
@@ -243,5 +242,5 @@ def combine(specs: Sequence | Mapping) -> Combined:
             raise ValueError(f"reward {spec!r}: cannot name this component; give it a 'label'")
         if label in components:
             raise ValueError(f"two reward components are named {label!r}; give one a 'label'")
-        components[label] = (resolve(spec), weight)
+        components[label] = (resolve(spec, base_dir=base_dir), weight)
     return Combined(components)

@@ -210,3 +210,10 @@ def _gather_cache(cache, index: Tensor, gather) -> None:
     for layer in layers:
         if layer.get_seq_length() > 0:
             layer.keys, layer.values = gather(layer.keys), gather(layer.values)
+
+
+def tempered_forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
+    """(logits / temperature [N, C, V] of each completion token, None): the sampling distribution, the
+    forward of a plain language model (the policy of the GRPO family; a reference model)."""
+    logits, _ = completion_forward(model, batch, share_prompts=share_prompts)
+    return (logits / temperature if temperature != 1.0 else logits), None

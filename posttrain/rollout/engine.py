@@ -294,6 +294,21 @@ class HFEngine:
         return len(row)
 
 
+def load_engine(path: str, *, batch_size: int | None = None):
+    """``(HFEngine, tokenizer)`` for a model directory or hub name (GPU when there is one)."""
+    import torch
+
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(path=str(path))
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg, trainable=False)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return HFEngine(model, tokenizer, batch_size=batch_size), tokenizer
+
+
 def _cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[: min(cuts)] if cuts else text

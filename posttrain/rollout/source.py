@@ -32,7 +32,7 @@ from posttrain.advantages import AdaptiveKLController, FixedKLController
 from posttrain.data.templates import encode_prompts
 from posttrain.engine.loop import Step
 from posttrain.errors import ConfigError, RewardError, TrainingError, disk_full
-from posttrain.rollout.buffer import RolloutBuffer
+from posttrain.rollout.buffer import RolloutBuffer, tempered_forward
 from posttrain.rollout.engine import Completion, HFEngine, Sampling
 
 
@@ -346,7 +346,6 @@ class RolloutSource:
     def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
         """Per-token log-probs (and values, when the model has a value head) of every sample under
         `model`, in micro-batches, without gradients, as [N, C] per-token tensors."""
-        from posttrain.algorithms.grpo import forward as plain_forward
         from posttrain.logprobs import token_logprobs
 
         device = self.accelerator.device
@@ -360,7 +359,7 @@ class RolloutSource:
         for j in range(0, len(buffer), micro):
             index = list(range(j, min(j + micro, len(buffer))))
             batch = {k: v.to(device) for k, v in buffer.select(index).layout(self.pad_id).items()}
-            forward = self.algo.forward if values else plain_forward  # a reference model is a plain LM
+            forward = self.algo.forward if values else tempered_forward  # a reference model is a plain LM
             with self.accelerator.autocast():
                 logits, value = forward(
                     model, batch, self.ro.temperature, share_prompts=self.rl.share_prompts

@@ -16,7 +16,7 @@ message per problem that names the key and, for a misspelling, the key that was 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator

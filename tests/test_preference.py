@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from posttrain.algorithms.reward import RewardModel
 from posttrain.engine.run import read_metrics
+from posttrain.rewards.model import RewardModel
 from posttrain.tasks import arithmetic, preference
 from posttrain.tasks.tiny import build_tiny
 from posttrain.train import train

@@ -362,7 +362,7 @@ def test_combine_from_config():
 @pytest.fixture(scope="module")
 def tiny_rm(tmp_path_factory):
     """A tiny reward model (random head) saved like a reward stage's final/, and the RM it came from."""
-    from posttrain.algorithms.reward import RewardModel
+    from posttrain.rewards.model import RewardModel
     from posttrain.tasks.tiny import build_tiny
 
     root = tmp_path_factory.mktemp("rewards_rm")

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 
-from posttrain.algorithms.reward import RewardModel
 from posttrain.cli import main
 from posttrain.eval import rm_audit
 from posttrain.eval.rm_audit import (
@@ -26,6 +25,7 @@ from posttrain.eval.rm_audit import (
     reliability_bins,
     spearman,
 )
+from posttrain.rewards.model import RewardModel
 from posttrain.tasks import preference
 from posttrain.tasks.tiny import build_tiny
 from posttrain.train import train

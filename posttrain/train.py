@@ -172,7 +172,7 @@ def train(
 
 def stage_inputs(cfg: RunConfig) -> dict[str, list]:
     """The files each result-changing config key reads (compared by content on --resume)."""
-    from posttrain.engine.run import model_files
+    from posttrain.audit.hashes import model_files
 
     models = {"model.path": cfg.model.path, "dpo.ref_model": next(iter(reference_models(cfg)), None)}
     if cfg.algorithm == "ppo":

@@ -30,7 +30,7 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def file_hashes(path: Path) -> dict[str, str]:
-    from posttrain.engine.run import sha256_file
+    from posttrain.audit.hashes import sha256_file
 
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.name != COMPLETE)
     return {str(f.relative_to(path)): sha256_file(f) for f in files}
@@ -74,7 +74,7 @@ def verify(path: Path) -> str | None:
         return f"unreadable {COMPLETE} marker ({e})"
     if expected is None:
         return None
-    from posttrain.engine.run import sha256_file
+    from posttrain.audit.hashes import sha256_file
 
     for name, digest in expected.items():
         f = path / name

@@ -90,7 +90,7 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
 def input_changes(old_hashes: dict[str, str], inputs: dict[str, list[str | Path]]) -> dict[str, tuple]:
     """Config keys whose files changed content since the run started: {key: (file, "sha256 changed")}.
     Files the old manifest did not hash (a new path) are the config diff's business."""
-    from posttrain.engine.run import hash_inputs
+    from posttrain.audit.hashes import hash_inputs
 
     out = {}
     for key, paths in inputs.items():

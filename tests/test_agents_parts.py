@@ -312,9 +312,9 @@ def test_episode_record_round_trips_through_jsonl(tmp_path):
 
 
 def test_code_runner_gives_files_stdout_and_per_test_verdicts():
-    from posttrain.agents.sandbox import ProcessRunner
+    from posttrain.agents.sandbox import SandboxRunner
 
-    runner = ProcessRunner()
+    runner = SandboxRunner()
     r = runner.run(
         "print(open('data/a.txt').read())\nx = 3",
         files={"data/a.txt": "hi"},
@@ -325,3 +325,27 @@ def test_code_runner_gives_files_stdout_and_per_test_verdicts():
     assert printed.tests_passed == (False,) and not printed.ok  # printing a verdict earns nothing
     with pytest.raises(ValueError, match="relative paths"):
         runner.run("pass", files={"/etc/x": "no"})
+
+
+def test_agent_tools_run_in_the_one_sandbox_with_its_log(tmp_path):
+    """The agents' runner is posttrain.sandbox itself: same backend, limits, verdicts, violations, log."""
+    from posttrain import sandbox
+    from posttrain.agents.envs.fix_bug import FixBugEnv
+    from posttrain.agents.sandbox import SandboxRunner
+
+    previous = dict(sandbox._state)
+    try:
+        sandbox.configure(log_dir=tmp_path)
+        (task,) = FixBugEnv.tasks(1, seed=3)
+        env = FixBugEnv(task, runner=SandboxRunner())
+        # A fix that also walks frames to the harness: a violation, so every hidden test fails.
+        env.files["solution.py"] = "import sys\nsys._getframe(0)\n" + task["fixed"]
+        r = env.runner.run(env.files["solution.py"], tests=task["hidden"])
+        assert not r.ok and not any(r.tests_passed)
+        env.files["solution.py"] = task["fixed"]
+        assert env.grade().passed
+    finally:
+        sandbox._state.update(previous)
+    records = [json.loads(line) for line in (tmp_path / "sandbox.jsonl").read_text().splitlines()]
+    assert [bool(r["violations"]) for r in records] == [True, False]
+    assert {r["backend"] for r in records} == {sandbox.resolve()}

@@ -40,7 +40,7 @@ BACKENDS = ("auto", "bwrap", "process")
 LOG_NAME = "sandbox.jsonl"
 DEFAULT_LIMITS = {
     "timeout_s": 10.0, "memory_mb": 1024, "disk_mb": 64, "max_output_bytes": 1 << 20,
-    "max_file_bytes": 16 << 20, "max_threads": 32, "max_open_files": 256,
+    "max_file_bytes": 16 << 20, "max_threads": 32, "max_open_files": 256, "python_guard": True,
 }  # fmt: skip
 
 
@@ -177,7 +177,8 @@ def run_python(
         **limits: ``timeout_s`` (wall clock, code and tests together), ``cpu_s`` (default timeout + 1),
             ``memory_mb`` (address space), ``disk_mb`` (the OS backend's workdir), ``max_output_bytes``
             (each of stdout / stderr; more kills it), ``max_file_bytes`` (one file), ``max_threads``,
-            ``max_open_files``.
+            ``max_open_files``; ``python_guard=False`` leaves out the audit hook and the Python-level
+            refusals (only to test the kernel layers alone: the run log records it).
 
     Returns:
         A :class:`Result`. Never raises for anything the program does; raises

@@ -127,7 +127,8 @@ def main() -> None:
         return text + (f" ({where})" if where else "")
 
     allowed.add(describe.__code__)
-    _guard.install_guard(workdir, report, max_threads=cfg["max_threads"], allowed_frame_code=allowed)
+    if cfg["guard"]:
+        _guard.install_guard(workdir, report, max_threads=cfg["max_threads"], allowed_frame_code=allowed)
     # After the guard: its replacements (no signal handlers, counted threads) are part of the state put back.
     snapshot = {
         n: (m, _dict(m.__dict__))

@@ -96,8 +96,12 @@ def _user_tasks(uid: int) -> int:
     return total
 
 
-def _layers(backend: str) -> tuple[str, ...]:
-    base = ("rlimits", "no-capabilities", "seccomp", "audit")
+def _layers(backend: str, guard: bool = True) -> tuple[str, ...]:
+    base = (
+        ("rlimits", "no-capabilities", "seccomp", "audit")
+        if guard
+        else ("rlimits", "no-capabilities", "seccomp")
+    )
     if backend == "bwrap":
         return ("namespaces", "readonly-root", "noexec-workdir", "os-seccomp", *base)
     return base
@@ -105,7 +109,8 @@ def _layers(backend: str) -> tuple[str, ...]:
 
 def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, timeout_s: float = 10.0,
             cpu_s: int | None = None, memory_mb: int = 1024, disk_mb: int = 64, max_output_bytes: int = 1 << 20,
-            max_file_bytes: int = 16 << 20, max_threads: int = 32, max_open_files: int = 256) -> Result:  # fmt: skip
+            max_file_bytes: int = 16 << 20, max_threads: int = 32, max_open_files: int = 256,
+            python_guard: bool = True) -> Result:  # fmt: skip
     """One program in ``backend`` (already checked to be usable). See ``posttrain.sandbox.run_python``."""
     cpu_s = int(cpu_s if cpu_s is not None else -(-timeout_s // 1) + 1)
     checks, modules = verdicts.plan(list(tests))
@@ -132,7 +137,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     cfg = {
         "workdir": workdir, "cpu_s": cpu_s, "memory_bytes": memory_mb << 20, "max_file_bytes": max_file_bytes,
         "max_open_files": max_open_files, "nproc": nproc, "max_threads": max_threads, "os": use_os,
-        "max_output_bytes": max_output_bytes, "tag": tag,
+        "max_output_bytes": max_output_bytes, "tag": tag, "guard": python_guard,
         "preimport": sorted(m for m in modules if m in sys.stdlib_module_names),
     }  # fmt: skip
     results_r, results_w = os.pipe()
@@ -195,7 +200,9 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     result = _result(
         records, checks, cases, proc, returncode, killed, streams, max_output_bytes, backend, workdir, start
     )
-    return dataclasses.replace(result, tag=tag)
+    return dataclasses.replace(
+        result, tag=tag, layers=_layers(backend, python_guard) if result.layers else ()
+    )
 
 
 def _result(

@@ -54,6 +54,7 @@ def add_parsers(sub) -> None:
     )
     dd.add_argument("--exact", action="store_true", help="exact duplicates only")
     dd.set_defaults(func=_dedup)
+    _add_flywheel(dsub)
 
 
 def _validate(args) -> int:
@@ -131,3 +132,47 @@ def _length_report(rows, kind, args) -> None:
             f"  {len(too_long)} row(s) longer than {args.max_length}"
             + (f": {', '.join(too_long[:10])}" if too_long else "")
         )
+
+
+def _add_flywheel(dsub) -> None:
+    f = dsub.add_parser(
+        "flywheel",
+        help="product logs -> SFT, preference, KTO, eval and red-team splits (PII scrubbed, deduplicated)",
+        description="Turn chat logs (OpenAI-style messages with thumbs, regenerations, edits, flags, consent) into "
+        "training splits: consent filter, PII scrubbing, red-team routing, exact + near dedup, held-out eval "
+        "prompts and a contamination check against them; a data card per split counts every removal. "
+        "See posttrain/data/flywheel.py for the row format.",
+    )
+    f.add_argument("logs", nargs="+", help="log files (jsonl, json, parquet)")
+    f.add_argument(
+        "--out", required=True, metavar="DIR", help="writes DIR/{sft,preference,kto,eval,redteam}/"
+    )
+    f.add_argument(
+        "--eval-share", type=float, default=0.1, help="share of prompts held out (default: %(default)s)"
+    )
+    f.add_argument("--against", nargs="+", default=[], metavar="EVAL", help="existing eval sets to keep out")
+    f.add_argument("--assume-consent", action="store_true", help="keep rows without consent: true")
+    f.add_argument("--review", metavar="PROJECT", help="add the uncertain rows to this collect project")
+    f.set_defaults(func=_flywheel)
+
+
+def _flywheel(args) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain.data.flywheel import flywheel, send_to_review
+
+    report = flywheel(
+        args.logs,
+        args.out,
+        eval_share=args.eval_share,
+        against=args.against,
+        assume_consent=args.assume_consent,
+    )
+    print(json.dumps(report, indent=2))
+    if args.review and report["uncertain"]:
+        from posttrain.cli.collect import project_path
+
+        sent = send_to_review(project_path(args.review), Path(args.out) / "uncertain.jsonl")
+        print(f"{sent['items']} uncertain rows sent to {args.review} for review")
+    return 0

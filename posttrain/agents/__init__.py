@@ -11,6 +11,9 @@ every token, failure labels with a loss policy, four bundled environments.
     sandbox.py      the one interface through which tools run untrusted code
     envs/           calculator, sql, fix_bug, guess
     check.py        golden trajectories and hack probes (``posttrain env check ENV``, in cli/env.py)
+    demos.py        golden trajectories as SFT rows (``posttrain env demos ENV``)
+    config.py       the `env:` config section: environment, options, budgets, format, task rows
+    source.py       EnvSource: episodes as rollouts in the one online loop (GRPO family, RLOO, PPO)
 
 Running a batch (what an environment step source does each step)::
 

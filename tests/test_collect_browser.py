@@ -162,12 +162,18 @@ def test_without_javascript_the_plain_forms_record_votes(app):
     driver = browser(javascript=False)
     try:
         driver.get(f"{base}/login?token={tokens['bob']}")
-        driver.find_element(By.ID, "login-button").click()
-        driver.find_element(By.ID, "next-button").click()
+
+        def click_and_wait(element_id):
+            old = driver.find_element(By.TAG_NAME, "main")
+            driver.find_element(By.ID, element_id).click()
+            WebDriverWait(driver, 10).until(EC.staleness_of(old))
+
+        click_and_wait("login-button")
+        click_and_wait("next-button")
         for _ in range(2):
             driver.find_element(By.CSS_SELECTOR, 'input[name="choice"][value="left"]').click()
-            driver.find_element(By.ID, "submit").click()
-        driver.find_element(By.ID, "skip-button").click()
+            click_and_wait("submit")
+        click_and_wait("skip-button")
         assert driver.find_elements(By.ID, "vote")
     finally:
         driver.quit()

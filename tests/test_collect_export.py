@@ -143,3 +143,16 @@ def test_generate_vote_export_every_format_and_train_dpo(tmp_path, capsys, model
     assert "dpo" in names  # the export directory is a parent of the training run
     events = [r["action"] for r in store.read().execute("SELECT action FROM event")]
     assert events.count("export") == 6 and "generate" in events and events.count("grant") == 3
+
+
+def test_the_example_config_and_bad_configs(tmp_path, capsys):
+    assert "rubric default" in _run(
+        capsys, "collect", "init", str(tmp_path / "ex"), "--config", "examples/collect.yaml"
+    )
+    assert Store(tmp_path / "ex.sqlite").config["required_votes"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("required_vote: 2\n")
+    assert main(["collect", "init", str(tmp_path / "bad"), "--config", str(bad)]) == 2
+    assert "required_vote: Extra inputs are not permitted" in capsys.readouterr().err
+    assert main(["collect", "status", str(tmp_path / "missing")]) == 2
+    assert "no project database" in capsys.readouterr().err

@@ -321,6 +321,12 @@ class SandboxConfig(Section):
         "to get it). process: the weaker in-process one, opted into explicitly; it warns at every run and "
         "is written into the manifest and model card.",
     )
+    cgroup: str | None = Field(
+        None,
+        description="A delegated cgroup v2 directory (memory and pids controllers) whose children hold each "
+        "run, for memory, task and kill-all limits on top of the rlimits; default none (or "
+        "POSTTRAIN_SANDBOX_CGROUP).",
+    )
 
 
 class GroupRLOptions(RLOptions):

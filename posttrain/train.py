@@ -350,7 +350,9 @@ def sandbox_for(cfg: RunConfig, run: Run) -> dict:
     from posttrain import sandbox
 
     try:
-        info = sandbox.configure(cfg.sandbox.backend, log_dir=run.path)
+        info = sandbox.configure(cfg.sandbox.backend, log_dir=run.path, cgroup_parent=cfg.sandbox.cgroup)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     except sandbox.SandboxUnavailable as e:
         specs = [*cfg.rl.rewards, *(cfg.rl.eval_rewards or [])]
         if getattr(cfg, "env", None) is None and not any(_runs_code(spec) for spec in specs):

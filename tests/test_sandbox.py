@@ -204,3 +204,41 @@ def test_each_call_is_logged_to_the_run_directory(tmp_path, backend):
     assert record["backend"] == backend and record["programs"] == 2 and record["passed"] == 1
     assert record["limits"]["timeout_s"] == 10.0 and "seccomp" in record["layers"]
     assert [v["index"] for v in record["violations"]] == [1]
+
+
+@pytest.mark.skipif(bool(bwrap_backend.unavailable()), reason="cgroups apply to the OS backend only")
+def test_a_delegated_cgroup_holds_each_run(tmp_path):
+    """The cgroup plumbing, on a stand-in directory (a real delegated cgroup v2 is rarely there in CI):
+    the per-run group gets its limits and bwrap's first process, and the run's layers say so."""
+    from posttrain.sandbox.cgroup import check_parent
+
+    with pytest.raises(ValueError, match="not a cgroup v2 directory"):
+        check_parent(tmp_path)
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory pids\n")
+    previous = dict(sandbox._state)
+    try:
+        sandbox.configure("bwrap", cgroup_parent=tmp_path)
+        r = run_python("print('hi')", memory_mb=256, disk_mb=16, max_threads=8)
+    finally:
+        sandbox._state.update(previous)
+    assert r.ok and r.stdout == "hi\n" and "cgroup" in r.layers
+    (group,) = tmp_path.glob("posttrain-*")  # a real cgroup is removed after the run; a stand-in stays
+    assert (group / "memory.max").read_text() == str((256 + 16) << 20)
+    assert (group / "pids.max").read_text() == str(8 + 8 + 4)
+    assert int((group / "cgroup.procs").read_text()) == r.pid  # bwrap started inside it
+
+
+def test_the_weak_backend_is_in_the_manifest_and_the_model_card(tmp_path):
+    from posttrain.audit import model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"algorithm": "grpo", "inputs": {}, "parents": [], "sandbox": sandbox.describe("process")}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    card = model_card(run).read_text()
+    assert "- **sandbox**: process" in card and "weak `process` sandbox backend" in card
+    manifest["sandbox"] = {"backend": "bwrap", "weak": False}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    card = model_card(run).read_text()
+    assert "- **sandbox**: bwrap" in card and "weak `process`" not in card

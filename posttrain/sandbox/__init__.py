@@ -9,13 +9,15 @@ Backends (``sandbox.backend`` in a run's config, or :func:`configure`):
 - ``bwrap`` (the default, ``auto``): an OS-level sandbox on bubblewrap (see :mod:`.bwrap`): own user,
   mount, pid, network, ipc and uts namespaces, a minimal read-only root, a private size-limited
   ``noexec`` tmpfs workdir, uid 1000 with no capabilities, ``no_new_privs``, two seccomp filters,
-  rlimits; the whole process tree dies with it and nothing is written on the host.
+  rlimits, and cgroup v2 limits where a delegated cgroup is named (:mod:`.cgroup`); the whole process
+  tree dies with it and nothing is written on the host.
 - ``process``: the weaker one, opted into explicitly: the same bootstrap (rlimits, no capabilities,
   seccomp, audit hook) in a plain child process with a temporary directory on the host. It sees the
   host's files (the audit hook refuses what it can see) and shares its pid namespace. It warns at every
   call, and a run using it says so in its manifest and model card.
 
 With ``auto`` and no bubblewrap, running code raises :class:`SandboxUnavailable`, saying how to get one.
+``POSTTRAIN_SANDBOX_BACKEND`` / ``POSTTRAIN_SANDBOX_CGROUP`` set the defaults for a process.
 
 Verdicts are decided in the parent (:mod:`.verdicts`); the layers inside (:mod:`._guard`) stay as
 defence in depth. Each call appends one line (backend, limits, layers, violations) to the run
@@ -33,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from posttrain.sandbox import bwrap
+from posttrain.sandbox import bwrap, cgroup
 from posttrain.sandbox.runner import TMP_PREFIX, Result, SandboxUnavailable, run_one
 
 BACKENDS = ("auto", "bwrap", "process")
@@ -49,15 +51,25 @@ class WeakSandboxWarning(UserWarning):
 
 
 warnings.simplefilter("always", WeakSandboxWarning)
-_state = {"backend": os.environ.get("POSTTRAIN_SANDBOX_BACKEND", "auto"), "log_dir": None}
+_state = {
+    "backend": os.environ.get("POSTTRAIN_SANDBOX_BACKEND", "auto"),
+    "log_dir": None,
+    "cgroup": os.environ.get(cgroup.ENV) or None,
+}
 _log_lock = threading.Lock()
 
 
-def configure(backend: str | None = None, *, log_dir: str | os.PathLike | None = None) -> dict:
-    """Choose the backend for this process and where each call is logged; returns :func:`describe`.
+def configure(
+    backend: str | None = None,
+    *,
+    log_dir: str | os.PathLike | None = None,
+    cgroup_parent: str | os.PathLike | None = None,
+) -> dict:
+    """Choose the backend for this process, where each call is logged, and (optionally) the delegated
+    cgroup v2 directory whose children hold each OS-backend run (:mod:`.cgroup`); returns :func:`describe`.
 
     Raises:
-        ValueError: an unknown backend.
+        ValueError: an unknown backend, or a cgroup directory that cannot hold the runs.
         SandboxUnavailable: ``bwrap`` asked for (or ``auto``) where it cannot run.
     """
     if backend is not None:
@@ -65,6 +77,8 @@ def configure(backend: str | None = None, *, log_dir: str | os.PathLike | None =
             raise ValueError(f"sandbox.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         _state["backend"] = backend
     _state["log_dir"] = Path(log_dir) if log_dir is not None else None
+    if cgroup_parent is not None:
+        _state["cgroup"] = str(cgroup.check_parent(cgroup_parent))
     return describe()
 
 
@@ -86,12 +100,8 @@ def describe(backend: str | None = None) -> dict:
     name = resolve(backend)
     from posttrain.sandbox.runner import _layers
 
-    return {
-        "backend": name,
-        "weak": name == "process",
-        "layers": list(_layers(name)),
-        "limits": DEFAULT_LIMITS,
-    }
+    layers = list(_layers(name)) + (["cgroup"] if name == "bwrap" and _state["cgroup"] else [])
+    return {"backend": name, "weak": name == "process", "layers": layers, "limits": DEFAULT_LIMITS}
 
 
 def _normalise_cases(cases) -> list[tuple[str, str]]:
@@ -145,8 +155,10 @@ def run_many(
     jobs = list(zip(programs, tests_, cases_))
     start = time.monotonic()
 
+    group = cgroup.check_parent(_state["cgroup"]) if name == "bwrap" and _state["cgroup"] else None
+
     def one(job):
-        return run_one(job[0], job[1], job[2], backend=name, **merged)
+        return run_one(job[0], job[1], job[2], backend=name, cgroup_parent=group, **merged)
 
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     if workers == 1:

@@ -244,7 +244,9 @@ def install_guard(workdir: str, report, *, max_threads: int, allowed_frame_code:
     for module, name in (
         (_thread, "start_new_thread"),
         (_thread, "start_new"),
+        (_thread, "start_joinable_thread"),  # 3.13
         (threading, "_start_new_thread"),
+        (threading, "_start_joinable_thread"),
     ):
         if hasattr(module, name):
             setattr(module, name, start_thread)

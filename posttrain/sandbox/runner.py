@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from posttrain.sandbox import _bpf, bwrap, verdicts
+from posttrain.sandbox.cgroup import RunCgroup
 
 TMP_PREFIX = "posttrain-sandbox-"
 """Prefix of the process backend's temporary directories (the OS backend writes nothing on the host)."""
@@ -110,7 +111,7 @@ def _layers(backend: str, guard: bool = True) -> tuple[str, ...]:
 def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, timeout_s: float = 10.0,
             cpu_s: int | None = None, memory_mb: int = 1024, disk_mb: int = 64, max_output_bytes: int = 1 << 20,
             max_file_bytes: int = 16 << 20, max_threads: int = 32, max_open_files: int = 256,
-            python_guard: bool = True) -> Result:  # fmt: skip
+            python_guard: bool = True, cgroup_parent=None) -> Result:  # fmt: skip
     """One program in ``backend`` (already checked to be usable). See ``posttrain.sandbox.run_python``."""
     cpu_s = int(cpu_s if cpu_s is not None else -(-timeout_s // 1) + 1)
     checks, modules = verdicts.plan(list(tests))
@@ -141,7 +142,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         "preimport": sorted(m for m in modules if m in sys.stdlib_module_names),
     }  # fmt: skip
     results_r, results_w = os.pipe()
-    fds = [results_w]
+    fds, group = [results_w], None
     try:
         if use_os:
             seccomp_r, seccomp_w = os.pipe()
@@ -152,6 +153,11 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
             args = ["-I", "-S", "-B", "-X", "utf8", f"{bwrap.SANDBOX_DIR}/_boot.py", json.dumps(cfg)]
             command, cwd = bwrap.argv(args, seccomp_fd=seccomp_r, disk_mb=disk_mb), None
             env = {}
+            if cgroup_parent is not None:
+                group = RunCgroup(
+                    cgroup_parent, tag, memory_bytes=(memory_mb + disk_mb) << 20, max_tasks=nproc + 4
+                )
+                command = group.wrap(command)
         else:
             cfg["results_fd"] = results_w
             command = [bwrap.interpreter(), "-I", "-S", "-B", "-X", "utf8", _BOOT, json.dumps(cfg)]
@@ -163,6 +169,8 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         )  # fmt: skip
     except BaseException:
         os.close(results_r)
+        if group is not None:
+            group.close()
         if not use_os:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -188,6 +196,9 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         os.close(results_r)
         if not use_os:
             shutil.rmtree(workdir, ignore_errors=True)
+        ooms = group.close() if group is not None else 0
+    if ooms and killed is None:
+        killed = "memory (cgroup)"
     if use_os and returncode > 128:  # bwrap reports a child killed by signal N as 128 + N
         returncode = -(returncode - 128)
     if killed is None and returncode < 0:
@@ -200,9 +211,8 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     result = _result(
         records, checks, cases, proc, returncode, killed, streams, max_output_bytes, backend, workdir, start
     )
-    return dataclasses.replace(
-        result, tag=tag, layers=_layers(backend, python_guard) if result.layers else ()
-    )
+    layers = _layers(backend, python_guard) + (("cgroup",) if group is not None else ())
+    return dataclasses.replace(result, tag=tag, layers=layers if result.layers else ())
 
 
 def _result(

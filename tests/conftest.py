@@ -12,14 +12,12 @@ torch.set_num_threads(2)
 import pytest  # noqa: E402
 from chatml import chatml_tokenizer  # noqa: E402
 
-from posttrain.sandbox import bwrap as _bwrap  # noqa: E402
+import posttrain.sandbox as _sandbox  # noqa: E402
 
-if _bwrap.unavailable():
+if _sandbox.unavailable():
     # Code rewards and agent tools in the tests then run on the weak backend; the tests of the OS-level
     # backend itself skip and say why (test_sandbox*.py).
     os.environ["POSTTRAIN_SANDBOX_BACKEND"] = "process"
-    import posttrain.sandbox as _sandbox  # noqa: E402
-
     _sandbox.configure("process")
 
 

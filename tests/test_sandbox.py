@@ -26,8 +26,8 @@ pytestmark = [
 
 @pytest.fixture(params=["bwrap", "process"])
 def backend(request):
-    if request.param == "bwrap" and bwrap_backend.unavailable():
-        pytest.skip(f"no OS-level backend here: {bwrap_backend.unavailable()}")
+    if request.param == "bwrap" and sandbox.unavailable():
+        pytest.skip(f"no OS-level backend here: {sandbox.unavailable()}")
     return request.param
 
 
@@ -206,7 +206,7 @@ def test_each_call_is_logged_to_the_run_directory(tmp_path, backend):
     assert [v["index"] for v in record["violations"]] == [1]
 
 
-@pytest.mark.skipif(bool(bwrap_backend.unavailable()), reason="cgroups apply to the OS backend only")
+@pytest.mark.skipif(bool(sandbox.unavailable()), reason="cgroups apply to the OS backend only")
 def test_a_delegated_cgroup_holds_each_run(tmp_path):
     """The cgroup plumbing, on a stand-in directory (a real delegated cgroup v2 is rarely there in CI):
     the per-run group gets its limits and bwrap's first process, and the run's layers say so."""

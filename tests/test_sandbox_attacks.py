@@ -16,9 +16,9 @@ import time
 
 import pytest
 
+from posttrain import sandbox
 from posttrain.rewards import code_tests
 from posttrain.sandbox import TMP_PREFIX, run_python
-from posttrain.sandbox import bwrap as bwrap_backend
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only"),
@@ -37,8 +37,8 @@ PROCESS_CANNOT = {
 
 @pytest.fixture(params=["bwrap", "process"])
 def backend(request):
-    if request.param == "bwrap" and bwrap_backend.unavailable():
-        pytest.skip(f"no OS-level backend here: {bwrap_backend.unavailable()}")
+    if request.param == "bwrap" and sandbox.unavailable():
+        pytest.skip(f"no OS-level backend here: {sandbox.unavailable()}")
     return request.param
 
 

@@ -10,14 +10,12 @@ import time
 
 import pytest
 
-from posttrain.sandbox import bwrap as bwrap_backend
+from posttrain import sandbox
 from posttrain.sandbox import run_python
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only"),
-    pytest.mark.skipif(
-        bool(bwrap_backend.unavailable()), reason=f"no OS backend: {bwrap_backend.unavailable()}"
-    ),
+    pytest.mark.skipif(bool(sandbox.unavailable()), reason=f"no OS backend: {sandbox.unavailable()}"),
 ]
 
 

@@ -26,6 +26,7 @@ directory's ``sandbox.jsonl`` once :func:`configure` was given one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -89,10 +90,31 @@ def resolve(backend: str | None = None) -> str:
         raise ValueError(f"sandbox backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "process":
         return "process"
-    why = bwrap.unavailable()
+    why = bwrap.unavailable() or _trial()
     if why:
         raise SandboxUnavailable(f"cannot run untrusted code: {why}. To fix: {bwrap.HOW_TO_GET_ONE}")
     return "bwrap"
+
+
+def unavailable() -> str | None:
+    """Why the OS backend cannot run here (None: it can): bubblewrap missing or refused, or a trial run
+    of the bootstrap failing."""
+    return bwrap.unavailable() or _trial()
+
+
+@functools.lru_cache(maxsize=1)
+def _trial() -> str | None:
+    """One real run of the bootstrap (its own user namespace, remounts, filters), once per process: bwrap
+    may start and still be refused a nested user namespace. None when it works, else why not."""
+    try:
+        r = run_one("print(6 * 7)", [], [], backend="bwrap", timeout_s=60.0)
+    except SandboxUnavailable as e:
+        return str(e)
+    except OSError as e:
+        return f"bwrap did not start: {e}"
+    if not r.ok or r.stdout != "42\n":
+        return f"a trial run failed (exit {r.returncode}): {(r.stderr or str(r.killed_reason))[-300:]}"
+    return None
 
 
 def describe(backend: str | None = None) -> dict:
@@ -230,4 +252,5 @@ __all__ = [
     "resolve",
     "run_many",
     "run_python",
+    "unavailable",
 ]

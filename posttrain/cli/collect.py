@@ -30,6 +30,7 @@ class ProjectConfig(BaseModel):
     guidelines: str = Field("", description="Guidelines shown on every item (text, or a path to a .md file).")
     guidelines_version: str = "1"
     rubric: str | dict = Field("default", description="Rubric YAML path, bundled name, or inline mapping.")
+    show_suggestions: bool = Field(False, description="Show a judge's pre-label on items that have one.")
 
 
 def project_path(name: str) -> Path:
@@ -107,6 +108,18 @@ def _annotator_add(args) -> int:
     token = _store(args).add_annotator(args.name, args.role)
     print(f"{args.name} ({args.role}): {args.base_url.rstrip('/')}/login?token={token}")
     print("this link is shown once; the project stores only its hash")
+    return 0
+
+
+def _annotator_remove(args) -> int:
+    _store(args).revoke(args.name)
+    print(f"{args.name}: token and sessions revoked, pending leases released (votes kept)")
+    return 0
+
+
+def _retire(args) -> int:
+    _store(args).retire_item(args.item, args.reason)
+    print(f"item {args.item} retired: out of the queue and of every export")
     return 0
 
 
@@ -251,6 +264,13 @@ def add_parsers(subparsers) -> argparse.ArgumentParser:
         "--base-url", default="http://127.0.0.1:8765", help="where the app is served (default: %(default)s)"
     )
     aa.set_defaults(func=_annotator_add)
+    ar = asub.add_parser("remove", help="revoke an annotator's token and sessions (their votes are kept)")
+    ar.add_argument("project", metavar="PROJECT")
+    ar.add_argument("name", metavar="NAME")
+    ar.set_defaults(func=_annotator_remove)
+    ir = cmd("retire", _retire, "take an item out of the queue and out of every export (logged)")
+    ir.add_argument("item", type=int, metavar="ITEM_ID")
+    ir.add_argument("--reason", required=True, help="why (kept in the event log)")
     s = cmd("serve", _serve, "serve the annotation app (127.0.0.1 by default)")
     s.add_argument("--host", default="127.0.0.1", help="(default: %(default)s)")
     s.add_argument("--port", type=int, default=8765, help="(default: %(default)s)")

@@ -151,6 +151,9 @@ def build_rows(
         gold = json.loads(item["gold_json"]) if item["gold_json"] else None
         if item["is_gold"] and fmt != "eval":
             continue
+        if item["status"] == "retired":
+            removed["retired items"] += 1
+            continue
         if len(votes) < min_votes and not (fmt == "eval" and item["is_gold"]):
             removed["min_votes"] += 1
             continue

@@ -327,7 +327,7 @@ def view(store: Store, annotator_id: int, assignment_id) -> dict:
     ids = [a["gen_a"], a["gen_b"]] if a["kind"] == "pair" else [a["gen_a"]]
     if a["swapped"] and len(ids) == 2:
         ids.reverse()
-    return {
+    shown = {
         "assignment_id": a["id"],
         "kind": a["kind"],
         "status": a["status"],
@@ -335,3 +335,10 @@ def view(store: Store, annotator_id: int, assignment_id) -> dict:
         "prompt": prompt,
         "responses": [text(g) for g in ids],
     }
+    if store.config.get("show_suggestions"):  # a judge's pre-label, off by default (anchoring)
+        meta = json.loads(
+            db.execute("SELECT meta_json FROM item WHERE id = ?", (a["item_id"],)).fetchone()[0]
+        )
+        if meta.get("suggestion") is not None:
+            shown["suggestion"] = meta["suggestion"]
+    return shown

@@ -263,6 +263,32 @@ class Store:
         with self.write() as db:
             db.execute("DELETE FROM session WHERE id_hash = ?", (hash_token(sid),))
 
+    def revoke(self, name: str, *, actor: str = "cli") -> None:
+        """Disable an annotator: their token and sessions stop working, their leases go back to the pool.
+        Their votes stay (exports can leave them out with ``exclude_annotators``)."""
+        with self.write() as db:
+            row = db.execute("SELECT id FROM annotator WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ConfigError(f"collect: no annotator named {name!r}")
+            db.execute("UPDATE annotator SET disabled = 1 WHERE id = ?", (row["id"],))
+            db.execute("DELETE FROM session WHERE annotator_id = ?", (row["id"],))
+            db.execute(
+                "UPDATE assignment SET status = 'expired' WHERE annotator_id = ? AND status = 'pending'",
+                (row["id"],),
+            )
+            self.log(db, actor, "revoke", {"annotator": name})
+
+    def retire_item(self, item_id: int, reason: str, *, actor: str = "cli") -> None:
+        """Take an item out of the queue and out of every export (a broken or leaked item); logged."""
+        with self.write() as db:
+            if db.execute("UPDATE item SET status = 'retired' WHERE id = ?", (item_id,)).rowcount == 0:
+                raise ConfigError(f"collect: no item {item_id}")
+            db.execute(
+                "UPDATE assignment SET status = 'expired' WHERE item_id = ? AND status = 'pending'",
+                (item_id,),
+            )
+            self.log(db, actor, "retire", {"item": item_id, "reason": reason})
+
     # ------------------------------------------------------------------ content
 
     def add_prompt(

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from posttrain.cli import main
@@ -136,3 +137,99 @@ def test_a_full_disk_is_a_clear_error_naming_the_file_and_step(task, tmp_path, m
     (run.path / "config.yaml").symlink_to("/dev/full")  # the kernel's own ENOSPC
     with pytest.raises(TrainingError, match=rf"disk full: writing {run.path / 'config.yaml'}"):
         run.write_text("config.yaml", "x" * 100_000)
+
+
+TIMING = ("time", "step_s")
+
+
+def untimed(run_dir):
+    """metrics.jsonl without what depends on the clock."""
+    from posttrain.engine.run import read_metrics
+
+    return [
+        {k: v for k, v in m.items() if k not in TIMING and "seconds" not in k and "per_s" not in k}
+        for m in read_metrics(run_dir)
+    ]
+
+
+def same_weights(a, b):
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_a_lagged_run_resumes_bit_identically(task, tmp_path, lag):
+    # two optimiser steps per rollout: the checkpoint at step 3 falls inside a rollout, with rollouts
+    # generated ahead (or being generated) by the thread
+    opts = dict(rollout={"max_policy_lag": lag}, rl={"minibatches": 2})
+    full = train(config(task, tmp_path / "full", max_steps=8, **opts))
+    cut = config(task, tmp_path / "cut", max_steps=3, save_every=3, **opts)
+    train(cut)
+    cut["train"]["max_steps"] = 8
+    resumed = train(cut, resume=True, allow_changed=["train.max_steps"])
+    assert resumed.step == 8 and max(m["policy_lag"] for m in untimed(full.run_dir)) == lag
+    assert untimed(full.run_dir) == untimed(resumed.run_dir)
+    assert (full.run_dir / "samples.jsonl").read_text() == (resumed.run_dir / "samples.jsonl").read_text()
+    assert same_weights(full.run_dir, resumed.run_dir)
+
+
+def _cli(*args):
+    import sys
+
+    return [sys.executable, "-m", "posttrain", *args]
+
+
+def _env(task):
+    import os
+
+    path = os.pathsep.join([str(task[0]), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def lagged(task, out, **train_opts):
+    # long enough generations that the thread is still generating ahead when the run ends
+    return config(task, out, rollout={"max_policy_lag": 2, "max_new_tokens": 24, "prompts_per_step": 8},
+                  rl={"minibatches": 2}, **train_opts)  # fmt: skip
+
+
+def test_a_lagged_run_exits_0(task, tmp_path):
+    # today: "terminate called without an active exception", exit 134: the generation thread, still
+    # running torch, was never joined
+    import subprocess
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(lagged(task, tmp_path / "run", max_steps=4)))
+    done = subprocess.run(_cli("train", str(path)), env=_env(task), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_sigterm_stopped_lagged_run_resumes_to_the_uninterrupted_run(task, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(lagged(task, tmp_path / "whole", max_steps=12)))
+    whole = subprocess.run(_cli("train", str(path)), env=_env(task), capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli("train", str(path), "--out", str(cut)), env=_env(task),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (cut / "metrics.jsonl").exists() or len((cut / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # checkpoint after the current step, whichever it is, and stop
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()[-2000:]
+    assert 3 <= len((cut / "metrics.jsonl").read_text().splitlines()) < 12
+    done = subprocess.run(_cli("train", str(path), "--out", str(cut), "--resume"), env=_env(task),
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert untimed(tmp_path / "whole") == untimed(cut)
+    assert (tmp_path / "whole" / "samples.jsonl").read_text() == (cut / "samples.jsonl").read_text()
+    assert same_weights(tmp_path / "whole", cut)

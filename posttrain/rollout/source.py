@@ -8,23 +8,22 @@ step asks it for micro-batches; when the current rollout is used up it makes the
 as it is now. The algorithm (algorithms/grpo.py, algorithms/ppo.py) contributes the per-rollout
 annotation (values for PPO) and the advantages; everything else is shared.
 
-Synchronous by default. With `rollout.max_policy_lag = k > 0` a background thread generates and scores
-rollouts with its own copy of the policy, running ahead of training by at most k policy versions (one
-version per rollout); the trainer's ratio against the sampling log-probs corrects for the staleness, and
-the lag is logged with every step.
+Synchronous by default. With `rollout.max_policy_lag = k > 0` a background thread (rollout/lagged.py)
+generates and scores rollouts with its own copy of the policy, rollout r sampling from policy version
+r - k; the trainer's ratio against the sampling log-probs corrects for the staleness, and the lag is
+logged with every step.
 
 Checkpoints: the prompt cursor, rollout count and the steps not yet taken of the current rollout travel
-with the loop's checkpoint, so a resumed synchronous run continues exactly where it stopped.
+with the loop's checkpoint, and with a lag the rollouts in flight and the weights they sample from, so a
+resumed run continues exactly where it stopped, synchronous or not.
 """
 
 from __future__ import annotations
 
 import math
-import queue
 import random
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +33,7 @@ from posttrain.engine.loop import Step
 from posttrain.errors import ConfigError, RewardError, TrainingError, disk_full
 from posttrain.rollout.buffer import RolloutBuffer, tempered_forward
 from posttrain.rollout.engine import Completion, HFEngine, Sampling
+from posttrain.rollout.lagged import Producer
 
 
 @dataclass
@@ -129,7 +129,9 @@ class RolloutSource:
         self.rollouts = 0  # rollouts trained on (= policy version)
         self.pending: list[Step] = []
         self.scoring_step = 1  # the optimiser step the rollout being scored is for (error messages)
-        self._producer: _Producer | None = None
+        self.sampling_seed: int | None = None  # async: each rollout's own seed (rollout/lagged.py)
+        self._producer: Producer | None = None
+        self._restored_producer: dict | None = None
         rl = self.rl
         self.kl_ctl = (
             AdaptiveKLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
@@ -150,14 +152,22 @@ class RolloutSource:
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "cursor": self.cursor,
             "rollouts": self.rollouts,
             "kl_ctl": self.kl_ctl.state_dict(),
             "pending": [{"micro": s.micro, "tokens": s.tokens, "metrics": s.metrics} for s in self.pending],
         }
+        if self._producer is not None:  # the rollouts in flight, so that a lagged run resumes exactly
+            state["producer"] = self._producer.state()
+            state["cursor"] = state["producer"]["cursor"]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if self._producer is not None:  # a rollback: the thread restarts from the loaded state
+            self._producer.stop()
+            self._producer = None
+        self._restored_producer = state.get("producer")
         self.cursor, self.rollouts = state["cursor"], state["rollouts"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.pending = [
@@ -188,8 +198,10 @@ class RolloutSource:
         return self.algo.policy(net) if hasattr(self.algo, "policy") else net
 
     def close(self) -> None:
+        """Stop and join the generation thread, if any (every exit path of a run)."""
         if self._producer is not None:
             self._producer.stop()
+            self._producer = None
 
     # ------------------------------------------------------------------ prompts
 
@@ -229,7 +241,10 @@ class RolloutSource:
             index = self._draw(need)
             drawn += need
             t0 = time.perf_counter()
-            groups = engine.generate([self.prompt_ids[i] for i in index], G, self.sampling)
+            sampling = self.sampling
+            if self.sampling_seed is not None:
+                sampling = replace(sampling, seed=self.sampling_seed + rounds)
+            groups = engine.generate([self.prompt_ids[i] for i in index], G, sampling)
             gen_s += time.perf_counter() - t0
             gen_tokens += sum(len(c.token_ids) for g in groups for c in g)
             t0 = time.perf_counter()
@@ -300,8 +315,9 @@ class RolloutSource:
         self._weights_stale = False
         if self.ro.max_policy_lag > 0:
             if self._producer is None:
-                self._producer = _Producer(self, self.policy(net))
-            generated, version = self._producer.take(self.rollouts)
+                self._producer = Producer(self, self.policy(net), restored=self._restored_producer)
+                self._restored_producer = None
+            generated, version = self._producer.take()
         else:
             self.scoring_step = step
             generated, version = self.generate_scored(self.engine), self.rollouts
@@ -418,70 +434,3 @@ class RolloutSource:
             kl = ((buffer.token["old_logps"] - buffer.token["ref_logps"]) * mask).sum(1)
             out["kl"] = self.accelerator.reduce(kl.sum().to(self.accelerator.device), "sum").item() / n
         return out
-
-
-class _Producer:
-    """Asynchronous generation: a thread that keeps rollouts coming with a copy of the policy.
-
-    Rollout r starts only once the trainer has consumed rollout r - max_policy_lag, and samples with the
-    newest weights published at that moment, so it is at most max_policy_lag versions stale when trained
-    on."""
-
-    def __init__(self, source: RolloutSource, model):
-        self.source = source
-        engine = source.engine
-        self.engine = HFEngine.copy_of(model, source.tokenizer) if isinstance(engine, HFEngine) else engine
-        self.engine.policy_version = source.rollouts
-        self.lag = source.ro.max_policy_lag
-        self.queue: queue.Queue = queue.Queue()
-        self.consumed = source.rollouts
-        self.latest: tuple[int, dict] | None = None
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="posttrain-rollout", daemon=True)
-        self.produced = source.rollouts
-        self.thread.start()
-
-    def publish(self, model, version: int) -> None:
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        with self.cond:
-            self.consumed = version
-            self.latest = (version, snapshot)
-            self.cond.notify_all()
-
-    def take(self, version: int) -> tuple[Generated, int]:
-        while True:
-            try:
-                item = self.queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if self.error is not None:
-                    raise TrainingError(f"rollout generation failed: {self.error}") from self.error
-        generated, sampled_at = item
-        return generated, sampled_at
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    while not self.stopping and self.produced - self.consumed > self.lag:
-                        self.cond.wait()
-                    if self.stopping:
-                        return
-                    latest, self.latest = self.latest, None
-                if latest is not None:
-                    version, weights = latest
-                    self.engine.model.load_state_dict(weights)
-                    self.engine.policy_version = version
-                self.source.scoring_step = self.produced * self.source.steps_per_rollout + 1
-                generated = self.source.generate_scored(self.engine)
-                self.queue.put((generated, self.engine.policy_version))
-                self.produced += 1
-        except BaseException as e:  # surfaced to the trainer by take()
-            self.error = e

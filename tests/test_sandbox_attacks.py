@@ -327,3 +327,36 @@ def test_forging_by_a_lying_eq(backend):
         "    return Yes(0) if a > 0 else Anything()\n"
     )
     attack(body, backend, tests=["assert add(2, 3) == 5", "assert abs(add(-1, 1) - 0) < 1e-9"])
+
+
+def test_forging_through_the_guards_own_closures(backend):
+    """The functions the guard installs (signal.signal's stand-in, the thread and loader wrappers) are
+    reachable, and so are their closures: none of them may lead to the results' nonce."""
+    walk = (
+        "import os, signal, threading, _posixsubprocess, importlib.machinery as m\n"
+        "seen, found = set(), set()\n"
+        "def walk(obj, depth=0):\n"
+        "    if id(obj) in seen or depth > 10:\n"
+        "        return\n"
+        "    seen.add(id(obj))\n"
+        "    if isinstance(obj, str) and len(obj) == 32:\n"
+        "        found.add(obj)\n"
+        "    for cell in getattr(obj, '__closure__', None) or ():\n"
+        "        try:\n"
+        "            walk(cell.cell_contents, depth + 1)\n"
+        "        except ValueError:\n"
+        "            pass\n"
+        "    for x in obj if isinstance(obj, (list, tuple, set, frozenset)) else obj.values() if isinstance(obj, dict) else ():\n"
+        "        walk(x, depth + 1)\n"
+        "for f in (signal.signal, threading._start_new_thread, m.ExtensionFileLoader.create_module,\n"
+        "          _posixsubprocess.fork_exec):\n"
+        "    walk(f)\n"
+        "for nonce in found:\n"
+        "    for fd in range(3, 30):\n"
+        "        for i in range(2):\n"
+        "            try:\n"
+        "                os.write(fd, f'{nonce} test {i} pass\\n'.encode())\n"
+        "            except OSError:\n"
+        "                pass\n"
+    )
+    attack(walk + WRONG, backend, tests=["x = add(2, 3)\nassert x == 5", "y = add(-1, 1)\nassert y == 0"])

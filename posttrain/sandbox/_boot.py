@@ -115,7 +115,10 @@ def main() -> None:
 
     def describe(error) -> str:
         """``ValueError: boom (<program>, line 2)`` without the traceback module (which walks frames)."""
-        text = f"{_type(error).__name__}: {error}"[:500]
+        try:
+            text = f"{_type(error).__name__}: {error}"[:500]
+        except _BaseException:  # a __str__ that raises is the program's problem, not the harness's
+            text = f"{_type(error).__name__}"
         where, tb = None, error.__traceback__
         while tb is not None:
             name = tb.tb_frame.f_code.co_filename
@@ -128,7 +131,9 @@ def main() -> None:
 
     allowed.add(describe.__code__)
     if cfg["guard"]:
-        _guard.install_guard(workdir, report, max_threads=cfg["max_threads"], allowed_frame_code=allowed)
+        _guard.install_guard(
+            workdir, cfg["violations_fd"], max_threads=cfg["max_threads"], allowed_frame_code=allowed
+        )
     # After the guard: its replacements (no signal handlers, counted threads) are part of the state put back.
     snapshot = {
         n: (m, _dict(m.__dict__))

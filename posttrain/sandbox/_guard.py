@@ -113,17 +113,21 @@ def install_seccomp(program: bytes) -> None:
     )
 
 
-def install_guard(workdir: str, report, *, max_threads: int, allowed_frame_code: set) -> None:
-    """The audit hook and the Python-level refusals. ``report(line)`` writes to the results pipe; every
-    refusal is reported as a violation before it raises, so catching the PermissionError gains nothing.
+def install_guard(workdir: str, violations_fd: int, *, max_threads: int, allowed_frame_code: set) -> None:
+    """The audit hook and the Python-level refusals. Every refusal is written to ``violations_fd`` before it
+    raises, so catching the PermissionError gains nothing. That pipe is not the results pipe: the functions
+    this installs (``signal.signal``'s stand-in, ...) are reachable from the program, and so are their
+    closures; nothing in them leads to the results' nonce, and a line on the violations pipe can only cost
+    the program its score.
     ``allowed_frame_code``: code objects (the bootstrap's own, and the stdlib functions that look one frame
     up at import time: namedtuple, enum, typing) that may call ``sys._getframe`` / read ``tb_frame``."""
     import _signal
     import _thread
     import signal
 
-    get_ident, getframe, realpath, join, getcwd, fspath, fsdecode = (
+    get_ident, getframe, realpath, join, getcwd, fspath, fsdecode, write = (
         _thread.get_ident, sys._getframe, os.path.realpath, os.path.join, os.getcwd, os.fspath, os.fsdecode,
+        os.write,
     )  # fmt: skip
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     writable = (workdir, "/dev/null")
@@ -161,7 +165,10 @@ def install_guard(workdir: str, report, *, max_threads: int, allowed_frame_code:
         return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
     def refuse(what):
-        report(f"violation {what.replace(chr(10), ' ')[:200]}")
+        try:
+            write(violations_fd, (what.replace("\n", " ")[:200] + "\n").encode())
+        except OSError:
+            pass
         raise PermissionError(f"sandbox: {what} is not allowed")
 
     def trusted_caller() -> bool:

@@ -142,7 +142,9 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         "preimport": sorted(m for m in modules if m in sys.stdlib_module_names),
     }  # fmt: skip
     results_r, results_w = os.pipe()
-    fds, group = [results_w], None
+    violations_r, violations_w = os.pipe()  # the guard's refusals: no nonce, only ever a cost to the program
+    fds, group = [results_w, violations_w], None
+    cfg["violations_fd"] = violations_w
     try:
         if use_os:
             seccomp_r, seccomp_w = os.pipe()
@@ -169,6 +171,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         )  # fmt: skip
     except BaseException:
         os.close(results_r)
+        os.close(violations_r)
         if group is not None:
             group.close()
         if not use_os:
@@ -179,9 +182,11 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
             os.close(fd)
     try:
         data = json.dumps(job).encode()
-        by_fd, killed = _communicate(proc, data, results_r, start + timeout_s, max_output_bytes)
+        by_fd, killed = _communicate(
+            proc, data, (results_r, violations_r), start + timeout_s, max_output_bytes
+        )
         streams = {"stdout": by_fd[proc.stdout.fileno()], "stderr": by_fd[proc.stderr.fileno()]}
-        streams["results"] = by_fd[results_r]
+        streams["results"], streams["violations"] = by_fd[results_r], by_fd[violations_r]
         exited = _wait_exit(proc.pid, start + timeout_s if killed is None else 0.0)
         if not exited and killed is None:
             killed = "timeout"
@@ -194,6 +199,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
             f.close()
     finally:
         os.close(results_r)
+        os.close(violations_r)
         if not use_os:
             shutil.rmtree(workdir, ignore_errors=True)
         ooms = group.close() if group is not None else 0
@@ -208,6 +214,9 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
             names.get(sig) or f"signal {signal.Signals(sig).name if sig in signal.valid_signals() else sig}"
         )
     records = _parse(streams["results"], nonce)
+    refused = streams["violations"].decode("utf-8", "replace").strip()
+    if refused and "violation" not in records:
+        records["violation"] = refused.splitlines()[0][:200]
     result = _result(
         records, checks, cases, proc, returncode, killed, streams, max_output_bytes, backend, workdir, start
     )
@@ -290,11 +299,11 @@ def _parse(data: bytes, nonce: str) -> dict:
     return records
 
 
-def _communicate(proc, job: bytes, results_fd: int, deadline: float, cap: int):
-    """Feed ``job`` to stdin; read stdout, stderr and the results pipe until all close, the deadline passes
-    or a stream passes its cap. Returns ({fd: bytes}, killed_reason)."""
-    out_fds = [proc.stdout.fileno(), proc.stderr.fileno(), results_fd]
-    caps = {proc.stdout.fileno(): cap, proc.stderr.fileno(): cap, results_fd: _RESULTS_CAP}
+def _communicate(proc, job: bytes, pipes: tuple[int, ...], deadline: float, cap: int):
+    """Feed ``job`` to stdin; read stdout, stderr and ``pipes`` until all close, the deadline passes or a
+    stream passes its cap. Returns ({fd: bytes}, killed_reason)."""
+    out_fds = [proc.stdout.fileno(), proc.stderr.fileno(), *pipes]
+    caps = {proc.stdout.fileno(): cap, proc.stderr.fileno(): cap, **dict.fromkeys(pipes, _RESULTS_CAP)}
     streams = {fd: bytearray() for fd in out_fds}
     sel = selectors.DefaultSelector()
     for fd in out_fds:

@@ -360,3 +360,25 @@ def test_forging_through_the_guards_own_closures(backend):
         "                pass\n"
     )
     attack(walk + WRONG, backend, tests=["x = add(2, 3)\nassert x == 5", "y = add(-1, 1)\nassert y == 0"])
+
+
+def test_a_path_swapped_between_check_and_open(backend):
+    """The review's race: a thread flips a name between a file inside and /etc/passwd while the main
+    thread opens it. The OS backend has no /etc at all; both refuse the link to the outside."""
+    race = (
+        "import os, threading\n"
+        "open('inside.txt', 'w').write('harmless')\n"
+        "stop, leaked = [False], []\n"
+        "def flip():\n"
+        "    while not stop[0]:\n"
+        "        for target in ('inside.txt', '/etc/passwd'):\n"
+        + "".join(f"        {line}\n" for line in guarded("os.symlink(target, 'tmp-link')\nos.replace('tmp-link', 'link')").splitlines())
+        + "t = threading.Thread(target=flip, daemon=True)\n"
+        "t.start()\n"
+        "for _ in range(300):\n"
+        + "".join(f"    {line}\n" for line in guarded("data = open('link').read()\nif 'root:' in data:\n    leaked.append(data)").splitlines())
+        + "stop[0] = True\n"
+        "print('leaked', len(leaked))\n"
+    )  # fmt: skip
+    r = attack(race + CORRECT, backend)
+    assert "root:" not in r.stdout

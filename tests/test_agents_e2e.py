@@ -1,0 +1,195 @@
+"""Agentic RL end to end on CPU (slow): on `calculator`, SFT on golden demos then GRPO raises held-out
+success above the SFT start and the no-tool baseline (3 seeds); on `sql` held-out success rises and hack
+labels stay 0; an env run resumes exactly mid-rollout; the example config runs unchanged on a chat model
+given by path (byte-level BPE, ChatML template)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from chatml import chatml_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.agents.demos import demo_rows
+from posttrain.agents.envs import get_env
+from posttrain.agents.policies import Call
+from posttrain.agents.runner import Budgets, EpisodeRunner
+from posttrain.config import load_config
+from posttrain.engine.run import read_metrics
+from posttrain.rollout.engine import HFEngine, Sampling
+from posttrain.tasks.tiny import build_model, build_tiny, build_tokenizer
+from posttrain.train import train
+
+pytestmark = pytest.mark.slow
+QUIET = {"progress": False, "tensorboard": False}
+DIGITS = '''
+def digit_share(prompts, completions, **_):
+    """Share of digits in the assistant's text: dense, so a random model's groups differ."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+'''
+
+
+def held_out_success(model_dir, env: str, budgets: dict, n: int = 64) -> tuple[float, list]:
+    """Greedy episodes on n held-out tasks: the share done (graded passed, no failure label)."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    runner = EpisodeRunner(tok, "tiny", budgets=Budgets(**budgets), sampling=Sampling(temperature=0))
+    cls = get_env(env)
+    episodes = runner.run(HFEngine(model, tok), cls, cls.tasks(n, split="held_out", seed=0))
+    return sum(e.failure is None and e.reward > 0 for e in episodes) / n, episodes
+
+
+def sft(root, base, rows, name, *, steps, seed):
+    path = root / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "algorithm": "sft",
+        "out": str(root / name),
+        "model": {"path": str(base)},
+        "data": {"train": str(path), "max_length": 512},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "warmup_steps": 20,
+            "seed": seed,
+            **QUIET,
+        },
+    }
+    return train(cfg).final
+
+
+def grpo(root, start, env, budgets, *, steps, seed, lr, name="grpo", **extra):
+    cfg = {
+        "algorithm": "grpo",
+        "out": str(root / name),
+        "model": {"path": str(start)},
+        "env": {"name": env, "budgets": budgets, "tasks": 1024, "eval_tasks": 0, "task_seed": 100 + seed},
+        "rollout": {"prompts_per_step": 8, "group_size": 8},
+        "train": {"max_steps": steps, "lr": lr, "seed": seed, **QUIET},
+        **extra,
+    }
+    return train(cfg)
+
+
+# --------------------------------------------------------------------------- resume, chat model by path
+
+
+def test_an_env_run_resumes_exactly_mid_rollout(tmp_path, monkeypatch):
+    (tmp_path / "agent_rewards.py").write_text(DIGITS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = build_tiny(tmp_path / "tiny", seed=0)
+
+    def cfg(out, steps):
+        return {
+            "algorithm": "grpo",
+            "out": str(tmp_path / out),
+            "model": {"path": str(base)},
+            "env": {
+                "name": "calculator",
+                "budgets": {"max_turns": 2, "max_new_tokens": 8},
+                "tasks": 32,
+                "eval_tasks": 0,
+            },
+            "rollout": {"prompts_per_step": 2, "group_size": 4},
+            "rl": {"minibatches": 2, "rewards": ["agent_rewards:digit_share"]},
+            "train": {"max_steps": steps, "save_every": 3, "lr": 1e-3, **QUIET},
+        }
+
+    full = train(cfg("full", 6))
+    train(cfg("cut", 3))  # the checkpoint at step 3 falls inside the second rollout (2 steps each)
+    resumed = train(cfg("cut", 6), resume=True, allow_changed=("train.max_steps",))
+    reward = lambda run: [m.get("reward/mean") for m in read_metrics(run.run_dir)]  # noqa: E731
+    assert reward(full) == reward(resumed) and len(set(reward(full))) > 1
+    a = (full.run_dir / "trajectories.jsonl").read_text().splitlines()
+    b = (resumed.run_dir / "trajectories.jsonl").read_text().splitlines()
+    ids = lambda lines: [(json.loads(x)["step"], json.loads(x)["ids"]) for x in lines]  # noqa: E731
+    assert ids(a) == ids(b) and len(a) == 3 * 8
+    wa = AutoModelForCausalLM.from_pretrained(full.final).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(resumed.final).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("tool_format", ["tiny", "hermes"])
+def test_the_example_config_runs_unchanged_on_a_chat_model_by_path(tmp_path, tool_format):
+    # A "real" chat model: a byte-level BPE tokenizer and a ChatML template (Qwen's layout), saved to a
+    # directory with a model, loaded by path like any Hugging Face model.
+    tok = chatml_tokenizer()
+    path = tmp_path / "chat"
+    build_model(tok, num_hidden_layers=2, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    overrides = [
+        f"model.path={path}", f"out={tmp_path / 'run'}", f"env.format={tool_format}", "env.tasks=8",
+        "env.eval_tasks=2", "rollout.prompts_per_step=2", "rollout.group_size=2", "train.max_steps=2",
+        "train.eval_every=2", "train.progress=false", "train.tensorboard=false",
+    ]  # fmt: skip
+    res = train(load_config("examples/agent_calculator.yaml", overrides))
+    metrics = read_metrics(res.run_dir)
+    assert res.final is not None and [m["agent/drift_frac"] for m in metrics if "agent/drift_frac" in m] == [
+        0,
+        0,
+    ]
+    episodes = [json.loads(x) for x in (res.run_dir / "trajectories.jsonl").read_text().splitlines()]
+    assert len(episodes) == 8 and all(e["verification"]["text_equal"] for e in episodes if e["verification"])
+    # the bridge tokens are ChatML's: the tool turn header follows every sampled turn that got a result
+    assert all(
+        "<|im_start|>tool" in t["text"] for e in episodes for t in e["turns"][2::2] if t["end"] > t["start"]
+    )
+
+
+# --------------------------------------------------------------------------- learning
+
+
+CALC = {"max_turns": 3, "max_new_tokens": 24, "max_tool_tokens": 16}
+SFT_STEPS, RL_STEPS, RL_LR = 200, 20, 2e-4
+
+
+def direct(task):
+    """The no-tool baseline's demos: answer at once, the sum done in the head."""
+    yield [Call("answer", {"value": task["answer"]})]
+
+
+def calculator_seed(root, seed: int) -> dict:
+    """Held-out success of SFT on golden demos (calc, then answer), of SFT on no-tool demos, and of GRPO
+    from the first; each SFT on 1,024 demos of its own seed from a fresh random tiny model."""
+    base = build_tiny(root / "base", seed=seed)
+    tok = build_tokenizer()
+    golden = sft(
+        root, base, demo_rows("calculator", tok, n=1024, seed=100 + seed), "sft", steps=SFT_STEPS, seed=seed
+    )
+    no_tool = demo_rows("calculator", tok, n=1024, seed=100 + seed, script=direct)
+    baseline = sft(root, base, no_tool, "sft_no_tool", steps=SFT_STEPS, seed=seed)
+    rl = grpo(root, golden, "calculator", CALC, steps=RL_STEPS, seed=seed, lr=RL_LR)
+    out = {name: held_out_success(path, "calculator", CALC)[0] for name, path in
+           [("sft", golden), ("no_tool", baseline), ("grpo", rl.final)]}  # fmt: skip
+    out["hack_frac"] = max(m.get("agent/hack_frac", 0.0) for m in read_metrics(rl.run_dir))
+    return out
+
+
+SQL = {"max_turns": 3, "max_new_tokens": 96, "max_tool_tokens": 48}
+
+
+def sql_seed(root, seed: int) -> dict:
+    """Held-out success of SFT on sql's golden demos and of GRPO from it; the largest hack share of any
+    GRPO step and of the held-out episodes."""
+    base = build_tiny(root / "base", seed=seed)
+    start = sft(
+        root,
+        base,
+        demo_rows("sql", build_tokenizer(), n=1024, seed=100 + seed),
+        "sft",
+        steps=SFT_STEPS,
+        seed=seed,
+    )
+    rl = grpo(root, start, "sql", SQL, steps=RL_STEPS, seed=seed, lr=RL_LR)
+    before, _ = held_out_success(start, "sql", SQL)
+    after, episodes = held_out_success(rl.final, "sql", SQL)
+    hacks = [m.get("agent/hack_frac", 0.0) for m in read_metrics(rl.run_dir)]
+    return {
+        "sft": before,
+        "grpo": after,
+        "hack_frac": max(hacks),
+        "held_out_hacks": sum("hack.attempt" in e.events for e in episodes),
+    }

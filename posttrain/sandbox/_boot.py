@@ -90,8 +90,12 @@ def main() -> None:
         if cfg["os"]:
             _guard.enter_user_namespace(workdir)
         failed = _guard.set_limits(cfg)
-        _guard.drop_privileges()
-        _guard.install_seccomp(_bpf.to_bytes(_bpf.boot_filter(os.uname().machine, os.getpid())))
+        if sys.platform == "linux":  # elsewhere (the process backend only) the rlimits and the hook remain
+            _guard.drop_privileges()
+            if os.uname().machine in _bpf.ARCHES:  # the OS backend refuses to run without a table
+                _guard.install_seccomp(_bpf.to_bytes(_bpf.boot_filter(os.uname().machine, os.getpid())))
+            else:
+                failed.append("seccomp")
     except OSError as e:
         report(f"setup-failed {e}".replace("\n", " "))
         exit_(70)

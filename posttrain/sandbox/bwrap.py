@@ -29,6 +29,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from posttrain.sandbox._bpf import ARCHES
+
 HERE = Path(__file__).resolve().parent
 BOOT_FILES = ("_boot.py", "_guard.py", "_bpf.py")
 SANDBOX_DIR = "/sandbox"
@@ -145,6 +147,8 @@ def unavailable() -> str | None:
     """Why the backend cannot run here (None: it can). Checked once per process, by running it."""
     if sys.platform != "linux":
         return f"bubblewrap needs Linux (this is {sys.platform})"
+    if os.uname().machine not in ARCHES:
+        return f"the seccomp filter has no system call table for {os.uname().machine}"
     if shutil.which("bwrap") is None:
         return "bubblewrap (bwrap) is not installed"
     try:

@@ -98,6 +98,8 @@ def _user_tasks(uid: int) -> int:
 
 
 def _layers(backend: str, guard: bool = True) -> tuple[str, ...]:
+    if sys.platform != "linux":
+        return ("rlimits", "audit") if guard else ("rlimits",)
     base = (
         ("rlimits", "no-capabilities", "seccomp", "audit")
         if guard

@@ -10,5 +10,6 @@
 
 The commands (``posttrain collect ...``) are in posttrain/cli/collect.py.
 
-The web app is the only part that needs the extra; the statistics and exports run without it.
+The web app and the leaderboard (scipy) need the extra, ``pip install 'posttrain[collect]'``; the store,
+queue, agreement and exports run without it.
 """

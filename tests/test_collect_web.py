@@ -156,6 +156,12 @@ def test_plain_form_flow_records_and_exports(app, tmp_path):
             and row["left_pick"] == 1
             and row["strength"] == 2
         )
+    boss = client(app)
+    login(boss, tokens["boss"])
+    report = boss.get("/api/report").json()
+    assert report["status"]["votes"] == 4 and report["leaderboard"]["n_battles"] == 4
+    assert {r["model"] for r in report["leaderboard"]["rows"]} == {"good", "bad"}
+    assert isinstance(report["alerts"], list) and "Leaderboard" in boss.get("/admin").text
     out = export(store, "redteam", tmp_path / "rt" / "redteam.jsonl")
     line = json.loads((tmp_path / "rt" / "redteam.jsonl").read_text().splitlines()[0])
     assert out["rows"] == 1 and line["flags"] == {"pii": 1, "unsafe": 1}

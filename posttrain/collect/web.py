@@ -237,14 +237,16 @@ def create_app(store: Store):
     # ------------------------------------------------------------------ reviewers and admins
 
     def report() -> dict:
-        from posttrain.collect.agreement import agreement
+        from posttrain.collect.agreement import agreement, health_alerts
         from posttrain.collect.export import battles, project_status
         from posttrain.collect.leaderboard import leaderboard
 
         b = battles(store)
+        agreed = agreement(store)
         return {
             "status": project_status(store),
-            "agreement": agreement(store),
+            "agreement": agreed,
+            "alerts": [{"rule": a.rule, "message": a.message} for a in health_alerts(store, agreed)],
             "leaderboard": leaderboard(b, rounds=100).to_dict() if b else None,
         }
 

@@ -77,6 +77,10 @@ def test_generate_vote_export_every_format_and_train_dpo(tmp_path, capsys, model
     )
     assert {r["name"] for r in gen} == {"tiny_a", "tiny_b"} and all(r["seed"] == 3 for r in gen)
     assert json.loads(gen[0]["gen_config_json"])["max_new_tokens"] == 6
+    files = json.loads(
+        store.read().execute("SELECT meta_json FROM model WHERE name = 'tiny_a'").fetchone()[0]
+    )["files"]
+    assert "config.json" in files and any(name.endswith(".safetensors") for name in files)
     for name in ("ann", "bob", "cy"):
         link = _run(
             capsys, "collect", "annotator", "add", project, name, "--base-url", "http://127.0.0.1:9000/"

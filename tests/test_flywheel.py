@@ -230,3 +230,27 @@ def test_uncertain_rows_go_to_a_collect_project_with_a_prelabel(tmp_path):
     with pytest.raises(queue.QueueError, match="rate the answer"):
         queue.submit(store, rid, aid, {})
     assert queue.submit(store, rid, aid, {"edit_left": "a better answer"}) == "recorded"
+
+
+def test_cli_review_with_a_judge_prelabel(tmp_path, capsys):
+    from posttrain.collect.store import Store
+    from posttrain.tasks.tiny import build_tiny
+
+    logs = tmp_path / "logs.jsonl"
+    rows = [
+        _row("what is 2 + 2?", "5", thumbs="down"),
+        _row("what is 3 + 3?", "7", thumbs="down"),
+        _row("hi", "hello", thumbs="up"),
+    ]
+    logs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Store.create(tmp_path / "review.sqlite", {"required_votes": 1}).close()
+    tiny = build_tiny(tmp_path / "judge")
+    argv = ["data", "flywheel", str(logs), "--out", str(tmp_path / "fly"), "--review", str(tmp_path / "review"),
+            "--judge", str(tiny), "--judge-max-new-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert "uncertain rows sent to" in capsys.readouterr().out
+    store = Store(tmp_path / "review.sqlite")
+    metas = [json.loads(r[0]) for r in store.read().execute("SELECT meta_json FROM item")]
+    assert len(metas) == 2 and all(m["suggestion"]["judge"] == str(tiny) for m in metas)
+    # an untrained judge writes no parsable scores: the pre-label says so instead of inventing one
+    assert all(m["suggestion"]["scores"] is None and m["suggestion"]["error"] for m in metas)

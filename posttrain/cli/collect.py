@@ -48,7 +48,7 @@ def _init(args) -> int:
     import yaml
 
     from posttrain.collect.store import Store
-    from posttrain.eval.judge import load_rubric
+    from posttrain.rewards.rubric import load_rubric
 
     raw = {}
     if args.config:

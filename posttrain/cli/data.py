@@ -153,6 +153,13 @@ def _add_flywheel(dsub) -> None:
     f.add_argument("--against", nargs="+", default=[], metavar="EVAL", help="existing eval sets to keep out")
     f.add_argument("--assume-consent", action="store_true", help="keep rows without consent: true")
     f.add_argument("--review", metavar="PROJECT", help="add the uncertain rows to this collect project")
+    f.add_argument(
+        "--judge", metavar="MODEL", help="with --review: an LLM judge pre-labels each uncertain row"
+    )
+    f.add_argument("--rubric", default="default", help="the judge's rubric (default: %(default)s)")
+    f.add_argument(
+        "--judge-max-new-tokens", type=int, default=256, metavar="N", help="(default: %(default)s)"
+    )
     f.set_defaults(func=_flywheel)
 
 
@@ -173,6 +180,18 @@ def _flywheel(args) -> int:
     if args.review and report["uncertain"]:
         from posttrain.cli.collect import project_path
 
-        sent = send_to_review(project_path(args.review), Path(args.out) / "uncertain.jsonl")
+        prelabel = None
+        if args.judge:
+            from posttrain.rewards.judge import Judge
+
+            judge = Judge.from_pretrained(args.judge, args.rubric, max_new_tokens=args.judge_max_new_tokens)
+
+            def prelabel(prompt, answer):
+                r = judge.pointwise([prompt], [answer])[0]
+                return {"judge": args.judge, "scores": r.scores, "overall": r.overall, "error": r.error}
+
+        sent = send_to_review(
+            project_path(args.review), Path(args.out) / "uncertain.jsonl", prelabel=prelabel
+        )
         print(f"{sent['items']} uncertain rows sent to {args.review} for review")
     return 0

@@ -150,7 +150,8 @@ def generate_pairs(
     actor: str = "cli",
 ) -> dict:
     """Both checkpoints answer every prompt that has no item yet for this pair of models; one pair
-    item each. ``PATH@REVISION`` names a revision. ``samplers`` (tests) replaces model loading:
+    item each. Each model's path and the sha256 of its files (config, tokenizer, weights) are recorded,
+    with the generation settings and seed of every answer. ``PATH@REVISION`` names a revision. ``samplers`` (tests) replaces model loading:
     ``{spec: fn(prompts, n) -> [[text]]}``."""
     from posttrain.rollout.engine import Sampling
 
@@ -192,11 +193,17 @@ def generate_pairs(
                 )
             sample = model_sampler(path, sampling)
         texts.append([group[0] for group in sample([json.loads(m) for _, m in todo], 1)])
+    from posttrain.audit.hashes import hash_inputs, model_files
+
     with store.write() as db:
         ids = [
             store.model_id(
-                db, name, path=str(Path(path).resolve()) if Path(path).exists() else path, revision=revision
-            )
+                db,
+                name,
+                path=str(Path(path).resolve()) if Path(path).exists() else path,
+                revision=revision,
+                meta={"files": {Path(f).name: h for f, h in hash_inputs(model_files(path)).items()}},
+            )  # fmt: skip
             for _, path, revision, name in specs
         ]
         for k, (pid, _) in enumerate(todo):

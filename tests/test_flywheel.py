@@ -8,7 +8,8 @@ import random
 import pytest
 
 from posttrain.cli import main
-from posttrain.data.flywheel import HARMFUL, flywheel, prompt_hash, send_to_review
+from posttrain.collect.ingest import send_to_review
+from posttrain.data.flywheel import HARMFUL, flywheel, prompt_hash
 from posttrain.data.io import Location
 from posttrain.data.pii import luhn_ok, scrub
 from posttrain.data.schemas import validate_rows

@@ -167,7 +167,8 @@ def _flywheel(args) -> int:
     import json
     from pathlib import Path
 
-    from posttrain.data.flywheel import flywheel, send_to_review
+    from posttrain.collect.ingest import send_to_review
+    from posttrain.data.flywheel import flywheel
 
     report = flywheel(
         args.logs,

@@ -219,3 +219,21 @@ def generate_pairs(
             {"models": [model_a, model_b], "items": len(todo), **gen_config, "seed": seed},
         )
     return {"items": len(todo)}
+
+
+def send_to_review(project: str | Path, uncertain: str | Path, *, prelabel=None) -> dict:
+    """Put uncertain rows in a collect project as single-answer items to rate, edit or flag.
+
+    ``prelabel(prompt_messages, answer) -> dict`` (an RLAIF judge's scores) is stored as the item's
+    suggestion; annotators see it only when the project's config has ``show_suggestions: true``."""
+    store = Store(project)
+    rows = [row for _, row in read_rows(uncertain)]
+    with store.write() as db:
+        model = store.model_id(db, "product")
+        for row in rows:
+            pid, _ = store.add_prompt(db, row["prompt"], source=str(uncertain), meta=row.get("meta"))
+            gen = store.add_generation(db, pid, model, row["answer"])
+            meta = {"suggestion": prelabel(row["prompt"], row["answer"])} if prelabel else {}
+            store.add_item(db, pid, gen, sampling_policy="flywheel_uncertain", meta=meta)
+        store.log(db, "flywheel", "review", {"file": str(uncertain), "items": len(rows)})
+    return {"items": len(rows)}

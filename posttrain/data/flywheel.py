@@ -28,8 +28,9 @@ The pipeline, in order, each step counted in every split's data card (``report.j
    and the kept answer over each regenerated-away one; ``kto/`` gets thumbs as labels.
 
 Rows whose signals disagree (a thumbs-down with no better answer, a regenerated answer then thumbed down)
-are *uncertain*: :func:`send_to_review` puts them in a ``posttrain collect`` project for people to judge,
-with an optional pre-label from a judge (shown to annotators only when the project enables suggestions).
+are *uncertain*: they are written to ``uncertain.jsonl``, which :func:`posttrain.collect.ingest.send_to_review`
+puts in a ``posttrain collect`` project for people to judge, with an optional pre-label from a judge (shown to
+annotators only when the project enables suggestions).
 """
 
 from __future__ import annotations
@@ -280,23 +281,3 @@ def flywheel(
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def send_to_review(project: str | Path, uncertain: str | Path, *, prelabel=None) -> dict:
-    """Put uncertain rows in a collect project as single-answer items to rate, edit or flag.
-
-    ``prelabel(prompt_messages, answer) -> dict`` (an RLAIF judge's scores) is stored as the item's
-    suggestion; annotators see it only when the project's config has ``show_suggestions: true``."""
-    from posttrain.collect.store import Store
-
-    store = Store(project)
-    rows = [row for _, row in read_rows(uncertain)]
-    with store.write() as db:
-        model = store.model_id(db, "product")
-        for row in rows:
-            pid, _ = store.add_prompt(db, row["prompt"], source=str(uncertain), meta=row.get("meta"))
-            gen = store.add_generation(db, pid, model, row["answer"])
-            meta = {"suggestion": prelabel(row["prompt"], row["answer"])} if prelabel else {}
-            store.add_item(db, pid, gen, sampling_policy="flywheel_uncertain", meta=meta)
-        store.log(db, "flywheel", "review", {"file": str(uncertain), "items": len(rows)})
-    return {"items": len(rows)}

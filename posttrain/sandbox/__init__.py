@@ -8,7 +8,8 @@ Backends (``sandbox.backend`` in a run's config, or :func:`configure`):
 
 - ``bwrap`` (the default, ``auto``): an OS-level sandbox on bubblewrap (see :mod:`.bwrap`): own user,
   mount, pid, network, ipc and uts namespaces, a minimal read-only root, a private size-limited
-  ``noexec`` tmpfs workdir, uid 1000 with no capabilities, ``no_new_privs``, two seccomp filters,
+  ``noexec`` tmpfs workdir, uid 1000 with no capabilities (the host's ``nobody`` when the trainer is
+  root), ``no_new_privs``, two seccomp filters,
   rlimits, and cgroup v2 limits where a delegated cgroup is named (:mod:`.cgroup`); the whole process
   tree dies with it and nothing is written on the host.
 - ``process``: the weaker one, opted into explicitly: the same bootstrap (rlimits, no capabilities,

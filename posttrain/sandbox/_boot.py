@@ -88,7 +88,7 @@ def main() -> None:
 
     try:
         if cfg["os"]:
-            _guard.enter_user_namespace(workdir)
+            _guard.enter_user_namespace(workdir, mapped=cfg["mapped"])
         failed = _guard.set_limits(cfg)
         if sys.platform == "linux":  # elsewhere (the process backend only) the rlimits and the hook remain
             _guard.drop_privileges()

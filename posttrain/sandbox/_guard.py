@@ -2,10 +2,10 @@
 
 In the order ``_boot.main`` applies them, all before the program's first line:
 
-1. :func:`enter_user_namespace` (OS backend only): a user namespace of its own, in which the process is
-   uid 1000, with a mount namespace it owns, so it can remount its tmpfs workdir ``noexec`` (no native
-   code written by the program can be mapped), ``/dev`` read-only, and hide ``/proc`` under an empty
-   read-only tmpfs. bubblewrap cannot mount ``noexec`` itself; its own filter lets these calls through.
+1. :func:`enter_user_namespace` (OS backend only): remount the tmpfs workdir ``noexec`` (no native code
+   written by the program can be mapped), ``/dev`` read-only, remove ``/proc``, and become uid 1000
+   (the host's ``nobody`` when the trainer is root). bubblewrap cannot mount ``noexec`` itself; its own
+   filter lets these calls through.
 2. :func:`set_limits`: CPU, address space, file size, open files, threads, no core dumps.
 3. :func:`drop_privileges`: every capability out of the effective, permitted, inheritable, ambient and
    bounding sets, and ``no_new_privs``.
@@ -41,25 +41,50 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"sandbox setup: {what}: {os.strerror(errno)}")
 
 
-def enter_user_namespace(workdir: str) -> None:
+def enter_user_namespace(workdir: str, *, mapped: bool) -> None:
+    """The OS backend's last setup steps: ``noexec`` workdir, read-only ``/dev``, no ``/proc``, uid 1000.
+
+    ``mapped``: the parent is root and wrote this namespace's maps itself (uid 0 here is the host's root,
+    for these setup steps only; uid 1000 is the host's ``nobody``): remount, unmount /proc, then become
+    uid 1000, which also clears every capability. Otherwise (an unprivileged parent: bubblewrap mapped
+    this namespace to the parent's uid) a nested user namespace with its own mount namespace, uid 1000 in
+    it, and /proc hidden under an empty tmpfs (a copied mount cannot be unmounted).
+    """
     ctypes, libc = _libc()
-    uid, gid = os.getuid(), os.getgid()
-    _check(libc.unshare(ctypes.c_int(CLONE_NEWUSER | CLONE_NEWNS)), "unshare")
-    for name, text in (
-        ("setgroups", "deny"),
-        ("uid_map", f"{INNER_UID} {uid} 1"),
-        ("gid_map", f"{INNER_UID} {gid} 1"),
-    ):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
 
     def mount(source, target, fstype, flags, data=None):
         _check(libc.mount(source, target, fstype, ctypes.c_ulong(flags), data), f"mount {target.decode()}")
 
+    if not mapped:
+        uid, gid = os.getuid(), os.getgid()
+        _check(libc.unshare(ctypes.c_int(CLONE_NEWUSER | CLONE_NEWNS)), "unshare")
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"{INNER_UID} {uid} 1"),
+            ("gid_map", f"{INNER_UID} {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
     # Copied mounts keep the flags bubblewrap set (nosuid, nodev are locked); noexec / ro can only be added.
     mount(b"none", workdir.encode(), None, MS_REMOUNT | MS_BIND | MS_NOEXEC | MS_NOSUID | MS_NODEV)
     mount(b"none", b"/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOEXEC | MS_NOSUID | MS_NODEV)
-    mount(b"none", b"/proc", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k")
+    if not mapped:
+        mount(b"none", b"/proc", b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, b"size=4k")
+        return
+    _check(libc.umount2(b"/proc", ctypes.c_int(2)), "umount /proc")  # MNT_DETACH
+    os.chown(workdir, INNER_UID, INNER_UID)  # bubblewrap made it for uid 0
+    _drop_bounding_set(ctypes, libc)  # needs CAP_SETPCAP: before the uid change takes it away
+    os.setgroups([])
+    os.setresgid(INNER_UID, INNER_UID, INNER_UID)
+    os.setresuid(INNER_UID, INNER_UID, INNER_UID)
+
+
+def _drop_bounding_set(ctypes, libc) -> None:
+    pr_capbset_drop, pr_cap_ambient, pr_cap_ambient_clear_all = 24, 47, 4
+    zero = ctypes.c_ulong(0)
+    libc.prctl(pr_cap_ambient, ctypes.c_ulong(pr_cap_ambient_clear_all), zero, zero, zero)
+    for cap in range(64):
+        libc.prctl(pr_capbset_drop, ctypes.c_ulong(cap), zero, zero, zero)  # EINVAL past the last cap
 
 
 def set_limits(cfg: dict) -> list:
@@ -85,11 +110,8 @@ def set_limits(cfg: dict) -> list:
 
 def drop_privileges() -> None:
     ctypes, libc = _libc()
-    pr_capbset_drop, pr_cap_ambient, pr_cap_ambient_clear_all, pr_set_no_new_privs = 24, 47, 4, 38
-    zero = ctypes.c_ulong(0)
-    libc.prctl(pr_cap_ambient, ctypes.c_ulong(pr_cap_ambient_clear_all), zero, zero, zero)
-    for cap in range(64):
-        libc.prctl(pr_capbset_drop, ctypes.c_ulong(cap), zero, zero, zero)  # EINVAL past the last cap
+    pr_set_no_new_privs, zero = 38, ctypes.c_ulong(0)
+    _drop_bounding_set(ctypes, libc)  # EPERM once already dropped: fine
     machine = os.uname().machine
     if machine in _CAPSET:
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread

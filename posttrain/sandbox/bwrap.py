@@ -10,8 +10,10 @@ Each program runs as ``bwrap <namespaces and mounts> python -I -S -B /sandbox/_b
   module of the standard library and reads its own memory map), a minimal ``/dev``, and the bootstrap
   (three files of this package, bound one by one: no view of the project, home, ``/etc`` or the
   host's ``/proc``);
-- a private tmpfs workdir of ``disk_mb`` (the bootstrap remounts it ``noexec``, enters a user namespace
-  of its own as uid 1000, and hides ``/proc``: see ``_guard``);
+- a private tmpfs workdir of ``disk_mb`` (the bootstrap remounts it ``noexec``, removes ``/proc`` and
+  becomes uid 1000: see ``_guard``);
+- uid 1000 inside is the host's ``nobody`` when the trainer runs as root (the parent writes the user
+  namespace's maps itself: :func:`write_maps`), else the trainer's own uid; never a privileged one;
 - every capability dropped, ``no_new_privs``, the OS seccomp filter (``_bpf.os_filter``) loaded before
   the interpreter runs, ``--die-with-parent`` (the sandbox gets SIGKILL if its parent goes) and a new
   session; when the sandbox's pid 1 ends, the kernel kills everything left in its namespace.
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 
 from posttrain.sandbox._bpf import ARCHES
@@ -88,9 +91,17 @@ def _links(path: str, binds: list, seen: set) -> None:
             current = candidate
 
 
-@functools.lru_cache(maxsize=1)
+_probe_lock = threading.Lock()
+
+
 def root_args() -> tuple[str, ...]:
-    """The mounts of the minimal read-only root."""
+    """The mounts of the minimal read-only root (computed once; the workers of a pool wait for the first)."""
+    with _probe_lock:
+        return _root_args()
+
+
+@functools.lru_cache(maxsize=1)
+def _root_args() -> tuple[str, ...]:
     stdlib = os.path.dirname(os.__file__)
     dynload = sysconfig.get_config_var("DESTSHARED") or ""
     binds, seen = [], set()
@@ -122,14 +133,39 @@ def root_args() -> tuple[str, ...]:
             _links(loader, binds, seen)
     for name in BOOT_FILES:
         binds += ["--ro-bind", str(HERE / name), f"{SANDBOX_DIR}/{name}"]
-    return tuple(binds)
+    # Every directory on the way to a mount, made 0755 first: bubblewrap would copy the host's modes, and
+    # a 0700 /root (a pyenv interpreter) would shut out the program's uid.
+    dests = [binds[i + 2] for i, a in enumerate(binds) if a in ("--ro-bind", "--symlink")]
+    ancestors = sorted(
+        {str(p) for d in dests for p in Path(d).parents if str(p) != "/"}, key=lambda p: p.count("/")
+    )
+    return tuple(a for d in ancestors for a in ("--perms", "0755", "--dir", d)) + tuple(binds)
 
 
-def argv(python_args: list[str], *, seccomp_fd: int, disk_mb: int) -> list[str]:
-    """The bwrap command line; the bootstrap reads its job from stdin."""
+NOBODY = 65534  # the host uid / gid of the sandbox when the trainer is root (the kernel's overflow id)
+
+
+def argv(
+    python_args: list[str], *, seccomp_fd: int, disk_mb: int, map_fds: tuple[int, int] | None = None
+) -> list[str]:
+    """The bwrap command line; the bootstrap reads its job from stdin. ``map_fds`` (block, info): the parent
+    writes the user namespace's maps itself (see :func:`write_maps`)."""
+    mapping = []
+    if map_fds is not None:
+        mapping = [
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+            "--userns-block-fd",
+            str(map_fds[0]),
+            "--info-fd",
+            str(map_fds[1]),
+        ]
     return [
         shutil.which("bwrap") or "bwrap",
         "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        *mapping,
         "--clearenv", "--setenv", "PATH", "/usr/bin", "--setenv", "HOME", WORKDIR, "--setenv", "TMPDIR", WORKDIR,
         "--setenv", "LANG", "C.UTF-8",
         *root_args(),
@@ -140,6 +176,31 @@ def argv(python_args: list[str], *, seccomp_fd: int, disk_mb: int) -> list[str]:
         "--seccomp", str(seccomp_fd),
         "--", interpreter(), *python_args,
     ]  # fmt: skip
+
+
+def write_maps(info_fd: int, block_fd: int, deadline: float) -> None:
+    """Root only: read bwrap's child pid from ``info_fd``, map uid/gid 0 in its new user namespace to root
+    (bubblewrap's own setup, and the bootstrap's remounts, run as it) and 1000 to the host's ``nobody`` (what
+    the program runs as), then let it go on by writing to ``block_fd``. bubblewrap alone maps only the
+    caller's uid, which for a root trainer would make the program the host's root without capabilities:
+    still the owner of every root-owned file and exempt from RLIMIT_NPROC. OSError if bwrap died first."""
+    import json
+    import select
+    import time
+
+    info = b""
+    while b"}" not in info:
+        if not select.select([info_fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise OSError("bwrap did not report its namespace in time")
+        chunk = os.read(info_fd, 4096)
+        if not chunk:
+            raise OSError("bwrap exited before its user namespace was ready")
+        info += chunk
+    pid = int(json.loads(info[: info.index(b"}") + 1])["child-pid"])
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(f"0 0 1\n1000 {NOBODY} 1\n")
+    os.write(block_fd, b"1")
 
 
 @functools.lru_cache(maxsize=1)

@@ -129,6 +129,8 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         "nonce": nonce,
     }  # fmt: skip
     use_os = backend == "bwrap"
+    if use_os:
+        bwrap.root_args()  # the one-off probe of the interpreter's files: not on the program's clock
     start = time.monotonic()
     workdir = bwrap.WORKDIR if use_os else os.path.realpath(tempfile.mkdtemp(prefix=TMP_PREFIX))
     if use_os:
@@ -145,7 +147,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     }  # fmt: skip
     results_r, results_w = os.pipe()
     violations_r, violations_w = os.pipe()  # the guard's refusals: no nonce, only ever a cost to the program
-    fds, group = [results_w, violations_w], None
+    fds, group, map_fds = [results_w, violations_w], None, None
     cfg["violations_fd"] = violations_w
     try:
         if use_os:
@@ -154,8 +156,16 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
             os.write(seccomp_w, _bpf.to_bytes(_bpf.os_filter(os.uname().machine)))
             os.close(seccomp_w)
             cfg["results_fd"] = results_w
+            cfg["mapped"] = os.geteuid() == 0  # root maps the sandbox to nobody itself (bwrap.write_maps)
+            map_fds = None
+            if cfg["mapped"]:
+                block_r, block_w = os.pipe()
+                info_r, info_w = os.pipe()
+                fds += [block_r, info_w]
+                map_fds = (block_r, info_w)
             args = ["-I", "-S", "-B", "-X", "utf8", f"{bwrap.SANDBOX_DIR}/_boot.py", json.dumps(cfg)]
-            command, cwd = bwrap.argv(args, seccomp_fd=seccomp_r, disk_mb=disk_mb), None
+            command = bwrap.argv(args, seccomp_fd=seccomp_r, disk_mb=disk_mb, map_fds=map_fds)
+            cwd = None
             env = {}
             if cgroup_parent is not None:
                 group = RunCgroup(
@@ -183,6 +193,14 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         for fd in fds:
             os.close(fd)
     try:
+        if map_fds is not None:
+            try:
+                bwrap.write_maps(info_r, block_w, start + timeout_s)
+            except OSError:
+                pass  # bwrap is gone or stuck: its stderr and exit status (collected below) say why
+            finally:
+                os.close(info_r)
+                os.close(block_w)
         data = json.dumps(job).encode()
         by_fd, killed = _communicate(
             proc, data, (results_r, violations_r), start + timeout_s, max_output_bytes

@@ -150,3 +150,22 @@ def test_a_root_trainers_sandbox_runs_as_the_hosts_nobody():
         watcher.join()
     mine = [uids for cmdline, uids in seen.items() if r.tag.encode() in cmdline]  # not other sessions' runs
     assert r.ok and mine == [["65534"] * 4], seen
+
+
+def test_the_unprivileged_path_holds_too(monkeypatch):
+    """What a non-root trainer gets (bubblewrap maps its uid; the bootstrap nests a user namespace of its
+    own to remount), taken here on purpose."""
+    from posttrain.sandbox import runner
+
+    monkeypatch.setattr(runner, "MAP_AS_ROOT", False)
+    r = bare(
+        steps(
+            "print(os.getuid(), os.listdir('/proc'))",
+            "import mmap\nf = open('code.bin', 'wb+')\nf.write(b'\\xc3' * 4096)\nf.flush()\n"
+            "mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)",
+            "open('/usr/lib/pwned', 'w')",
+        )
+    )
+    assert r.stdout.splitlines() == ["1000 []", "ok 0", "err 1 PermissionError", "err 2 OSError"], r.stdout
+    honest = run_python("def add(a, b):\n    return a + b", tests=["assert add(2, 3) == 5"], backend="bwrap")
+    assert honest.ok

@@ -9,7 +9,8 @@ too. Both backends run the same programs through ``posttrain.sandbox.run_many`` 
 rounds alternate backends, and the best round of each counts. Reported: seconds per program, programs
 per second, the OS/process ratio (target <= 2x), and how busy the cores were (CPU
 seconds of this process, bwrap and the sandboxed interpreters over wall seconds x workers; the load
-average is printed, since other programs on a shared machine slow every figure), and that both backends gave the same verdicts.
+average is printed, since other programs on a shared machine slow every figure), and how many
+sandboxes were in flight on average (the pool's occupancy: ``workers`` when it never starves), and that both backends gave the same verdicts.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def measure(backend: str, codes, tests, workers: int) -> dict:
         "programs_per_s": len(codes) / wall,
         "cores_busy": busy,
         "cpu_ms_per_program": 1000 * cpu / len(codes),
+        "in_flight": sum(r.seconds for r in results) / wall,  # sandboxes running at once, on average
         "verdicts": [r.tests_passed for r in results],
         "all_ok": [r.ok for r in results],
     }
@@ -115,11 +117,14 @@ def main(argv=None) -> int:
     print(
         f"{args.programs} programs, {args.workers} workers, best of {args.rounds} rounds, load {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'backend':<10} {'ms/program':>11} {'programs/s':>11} {'CPU ms/program':>15} {'cores busy':>11}")
+    print(
+        f"{'backend':<10} {'ms/program':>11} {'programs/s':>11} {'CPU ms/program':>15} {'cores busy':>11} "
+        f"{'in flight':>10}"
+    )
     for name, m in (("bwrap", os_), ("process", proc)):
         print(
             f"{name:<10} {m['per_program_ms']:>11.1f} {m['programs_per_s']:>11.1f} "
-            f"{m['cpu_ms_per_program']:>15.1f} {m['cores_busy']:>10.0%}"
+            f"{m['cpu_ms_per_program']:>15.1f} {m['cores_busy']:>10.0%} {m['in_flight']:>10.2f}"
         )
     print(f"ratio bwrap/process: {ratio:.2f}x (target <= 2x) {'ok' if ratio <= 2 else 'OVER'}")
     print(f"same verdicts on both backends: {same}; verdicts as intended (1 in 8 wrong): {right}")

@@ -242,3 +242,25 @@ def test_the_weak_backend_is_in_the_manifest_and_the_model_card(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest))
     card = model_card(run).read_text()
     assert "- **sandbox**: bwrap" in card and "weak `process`" not in card
+
+
+def test_a_runs_sandbox_comes_from_its_config(tmp_path, capsys):
+    from posttrain.config import load_config
+    from posttrain.engine.run import Run
+    from posttrain.errors import ConfigError
+    from posttrain.train import sandbox_for
+
+    base = {"algorithm": "grpo", "out": str(tmp_path / "run"), "model": {"path": "m"}, "data": {"train": "t"}}
+    previous = dict(sandbox._state)
+    try:
+        cfg = load_config(base | {"sandbox": {"backend": "process"}, "rl": {"rewards": ["code_tests"]}})
+        info = sandbox_for(cfg, Run(tmp_path / "run"))
+        assert info["backend"] == "process" and info["weak"] and "seccomp" in info["layers"]
+        assert "sandbox.backend is `process`" in capsys.readouterr().out
+        with pytest.warns(WeakSandboxWarning):
+            run_python("pass")  # the configured backend, logged into the run directory
+        assert json.loads((tmp_path / "run" / "sandbox.jsonl").read_text())["backend"] == "process"
+        with pytest.raises(ConfigError, match="sandbox.cgroup: .* is not a cgroup v2 directory"):
+            sandbox_for(load_config(base | {"sandbox": {"cgroup": str(tmp_path)}}), Run(tmp_path / "run"))
+    finally:
+        sandbox._state.update(previous)

@@ -30,6 +30,14 @@ TMP_PREFIX = "posttrain-sandbox-"
 _BOOT = str(bwrap.HERE / "_boot.py")
 _NPROC_HEADROOM = 32  # process backend, not root: tasks a program may add to the user's count
 _RESULTS_CAP = 8 << 20
+_NO_PREIMPORT = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "webbrowser",
+}  # side effects on import
 MAP_AS_ROOT = True
 """A root parent writes the user namespace's maps (the program runs as the host's nobody); False takes the
 unprivileged path (bubblewrap's own map, a nested user namespace), which tests use to cover it as root."""
@@ -121,10 +129,8 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     cpu_s = int(cpu_s if cpu_s is not None else -(-timeout_s // 1) + 1)
     checks, modules = verdicts.plan(list(tests))
     case_inputs = [c[0] for c in cases]
-    nonce, tag = (
-        secrets.token_hex(16),
-        secrets.token_hex(6),
-    )  # tag: on the command line, to find its processes
+    nonce = secrets.token_hex(16)  # tags every result line; never on the command line
+    tag = secrets.token_hex(6)  # on the command line, to find the run's processes
     job = {
         "code": code,
         "tests": [{"kind": "snippet", "source": c.source} if c.kind == "snippet" else {"kind": "leaves", "leaves": c.leaves} for c in checks],
@@ -146,7 +152,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
         "workdir": workdir, "cpu_s": cpu_s, "memory_bytes": memory_mb << 20, "max_file_bytes": max_file_bytes,
         "max_open_files": max_open_files, "nproc": nproc, "max_threads": max_threads, "os": use_os,
         "max_output_bytes": max_output_bytes, "tag": tag, "guard": python_guard,
-        "preimport": sorted(m for m in modules if m in sys.stdlib_module_names),
+        "preimport": sorted(m for m in modules if m in sys.stdlib_module_names and m not in _NO_PREIMPORT),
     }  # fmt: skip
     results_r, results_w = os.pipe()
     violations_r, violations_w = os.pipe()  # the guard's refusals: no nonce, only ever a cost to the program

@@ -10,7 +10,7 @@ What runs, per model size (``tiny`` ~1.07M parameters, ``small`` ~25M):
    with the tools), so that episodes have the shape of real ones (2 turns, a tool call each) instead of a
    random model's one garbled turn. Cached in the work directory.
 2. **GRPO**: W warm-up + N measured steps on ``examples/agent_calculator.yaml``'s settings (8 tasks x 8
-   episodes per step, at most 3 turns of 24 new tokens, tool results cut at 16 tokens, temperature 1),
+   episodes per step, at most 3 turns of 32 new tokens, tool results cut at 16 tokens, temperature 1),
    fp32 on CPU, ``torch.set_num_threads(--threads)``, the HF engine, one optimiser step per rollout.
 
 Metrics, from metrics.jsonl over the N measured steps:
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import busy_cores, fmt  # noqa: E402
 
-BUDGETS = {"max_turns": 3, "max_new_tokens": 24, "max_tool_tokens": 16}
+BUDGETS = {"max_turns": 3, "max_new_tokens": 32, "max_tool_tokens": 16}
 SFT_STEPS = {"tiny": 300, "small": 100}
 
 

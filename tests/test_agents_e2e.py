@@ -112,6 +112,27 @@ def test_an_env_run_resumes_exactly_mid_rollout(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("algorithm", ["rloo", "dapo", "dr_grpo", "reinforce_pp", "ppo", "cispo", "gspo"])
+def test_every_online_preset_trains_on_episodes(tmp_path, algorithm):
+    base = build_tiny(tmp_path / "tiny", seed=0)
+    res = train(
+        {
+            "algorithm": algorithm,
+            "out": str(tmp_path / "run"),
+            "model": {"path": str(base)},
+            "env": {
+                "name": "calculator",
+                "budgets": {"max_turns": 2, "max_new_tokens": 8},
+                "tasks": 8,
+                "eval_tasks": 0,
+            },
+            "rollout": {"prompts_per_step": 2, "group_size": 2},
+            "train": {"max_steps": 2, **QUIET},
+        }
+    )
+    assert res.final is not None and len((res.run_dir / "trajectories.jsonl").read_text().splitlines()) >= 4
+
+
 @pytest.mark.parametrize("tool_format", ["tiny", "hermes"])
 def test_the_example_config_runs_unchanged_on_a_chat_model_by_path(tmp_path, tool_format):
     # A "real" chat model: a byte-level BPE tokenizer and a ChatML template (Qwen's layout), saved to a
@@ -142,7 +163,7 @@ def test_the_example_config_runs_unchanged_on_a_chat_model_by_path(tmp_path, too
 # --------------------------------------------------------------------------- learning
 
 
-CALC = {"max_turns": 3, "max_new_tokens": 24, "max_tool_tokens": 16}
+CALC = {"max_turns": 3, "max_new_tokens": 32, "max_tool_tokens": 16}
 SFT_STEPS, RL_STEPS, RL_LR = 200, 20, 2e-4
 
 

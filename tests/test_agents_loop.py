@@ -361,3 +361,21 @@ def test_the_example_config_trains_writes_trajectories_and_the_report_shows_agen
     assert len(lines) == 4 and all(json.loads(x)["step"] == 1 for x in lines)
     page = write_report(res.run_dir).read_text()
     assert "Agent episodes at step 1" in page and 'class="sampled"' in page and "stop reason" in page
+
+
+def test_ppo_on_episodes_puts_advantages_on_policy_tokens_only(tmp_path):
+    from posttrain.algorithms.ppo import PolicyWithValue
+
+    torch.manual_seed(0)
+    src = source(config(tmp_path, "ppo", G=2), scripted(look_then_answer, wrong))
+    model = PolicyWithValue(build_model(TOK, num_hidden_layers=1, seed=0))
+    torch.nn.init.normal_(model.value_head.weight, std=0.1)  # values that differ per token
+    buffer = src.generate_scored(src.engine).buffer
+    src.algo.annotate(src, model, buffer)
+    src.algo.advantages(src, buffer)
+    adv, returns, mask = buffer.token["advantages"], buffer.token["returns"], buffer.completion_mask()
+    assert (adv[~mask] == 0).all() and (returns[~mask] == 0).all()
+    assert (adv[mask] != 0).all()
+    # GAE bridges over the tool result: the last policy token before it bootstraps from the first after it
+    e = src.last_episodes[0]
+    assert not all(e.mask) and mask[0].sum() == e.policy_tokens

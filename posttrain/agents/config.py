@@ -5,7 +5,7 @@ task rows of a run; every problem a clear error at load or start-up, before any 
       name: calculator            # bundled, or module:Class
       options: {}                 # the environment's keyword options
       format: tiny                # tool-call format
-      budgets: {max_turns: 3, max_new_tokens: 24}
+      budgets: {max_turns: 3, max_new_tokens: 32}
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ Hacks that remain possible, and why:
   interpreter (a CPython memory-safety bug, a stdlib object that leaks a frame and that the guard does
   not know): the snippet's pass/fail is reported by the sandboxed process. Write tests as single
   asserts or stdin/stdout cases where the parent decides; no kernel-level escape is involved.
+- a lying object (``__eq__`` always True) inside a *free-form* snippet (``x = f(1)\nassert x == 2``):
+  that comparison runs inside the sandbox, on the program's object. A single ``assert f(1) == 2`` is
+  decided outside, where the object is refused as not plain data.
 - mutating stdlib *classes* (``collections.Counter.__eq__ = ...``) affects free-form snippets that use
   them: only module namespaces are put back, not every class inside them.
 - resource games inside the limits (sleeping to the timeout, printing up to the cap): they cost the

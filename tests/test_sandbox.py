@@ -60,12 +60,16 @@ def test_plan_sends_only_the_questions():
         ["assert f(3) == 7", "assert abs(f(x) - 0.5) < 1e-6", "assert math.isclose(g(2), 1.0)",
          "y = f(1)\nassert y == 2", "assert all(f(i) for i in range(3))", "assert not f(2), 'msg'"]
     )  # fmt: skip
-    assert [c.kind for c in checks] == ["parent", "parent", "parent", "snippet", "snippet", "parent"]
-    assert [c.leaves for c in checks] == [["f(3)"], ["f(x)"], ["g(2)"], [], [], ["f(2)"]]
+    assert [c.kind for c in checks] == ["parent", "parent", "parent", "parent", "snippet", "parent"]
+    assert [c.leaves for c in checks] == [["f(3)"], ["f(x)"], ["g(2)"], ["y"], [], ["f(2)"]]
+    assert checks[3].steps[0] == ("run", "y = f(1)")  # runs inside; y itself comes back as a leaf
     assert "math" in modules
     # The expected values stay here: 7, 0.5 and 1e-6 are in the parent's expression, not in a leaf.
-    assert evaluate(checks[0].expr, [7]) is True and evaluate(checks[0].expr, [8]) is False
-    assert evaluate(checks[1].expr, [0.5 + 1e-7]) is True and evaluate(checks[1].expr, [0.6]) is False
+    (expr, _), (close, _) = checks[0].asserts[0], checks[1].asserts[0]
+    assert evaluate(expr, [7]) is True and evaluate(expr, [8]) is False
+    assert evaluate(close, [0.5 + 1e-7]) is True and evaluate(close, [0.6]) is False
+    loop = plan(["for i in range(3):\n    assert f(i) == i"])[0][0]
+    assert loop.kind == "snippet"
 
 
 def test_strict_equality_and_plain_values_only():

@@ -294,6 +294,7 @@ def test_forging_by_shadowed_builtins(backend):
     tests = [
         "assert abs(add(1, 1) - 2) < 1e-9",
         "x = add(1, 2)\nassert abs(x - 3) < 1e-9",
+        "for _ in range(1):\n    assert abs(add(1, 2) - 3) < 1e-9",  # free-form: runs inside, fresh builtins
         "assert len([add(1, 1)]) == 3",
     ]
     attack(body + WRONG, backend, tests=tests)
@@ -301,7 +302,11 @@ def test_forging_by_shadowed_builtins(backend):
 
 def test_forging_by_patched_stdlib(backend):
     body = "import math, operator\nmath.isclose = lambda *a, **k: True\noperator.eq = lambda *a: True\n"
-    tests = ["assert math.isclose(add(1, 1), 2)", "import math\nx = add(1, 1)\nassert math.isclose(x, 2)"]
+    tests = [
+        "assert math.isclose(add(1, 1), 2)",
+        "import math\nx = add(1, 1)\nassert math.isclose(x, 2)",
+        "import math\nfor _ in range(1):\n    assert math.isclose(add(1, 1), 2)",  # free-form: math put back
+    ]
     attack(body + WRONG, backend, tests=tests)
 
 
@@ -327,6 +332,8 @@ def test_forging_by_a_lying_eq(backend):
         "    return Yes(0) if a > 0 else Anything()\n"
     )
     attack(body, backend, tests=["assert add(2, 3) == 5", "assert abs(add(-1, 1) - 0) < 1e-9"])
+    # A straight line of assignments and asserts is decided outside too: r must come back as plain data.
+    attack(body, backend, tests=["r = add(2, 3)\nassert r == 5", "r = add(-1, 1)\nassert abs(r - 0) < 1e-9"])
 
 
 def test_forging_through_the_guards_own_closures(backend):
@@ -359,7 +366,11 @@ def test_forging_through_the_guards_own_closures(backend):
         "            except OSError:\n"
         "                pass\n"
     )
-    attack(walk + WRONG, backend, tests=["x = add(2, 3)\nassert x == 5", "y = add(-1, 1)\nassert y == 0"])
+    free_form = [
+        "for _ in range(1):\n    assert add(2, 3) == 5",
+        "for _ in range(1):\n    assert add(-1, 1) == 0",
+    ]
+    attack(walk + WRONG, backend, tests=free_form)  # verdicts reported from inside, tagged with the nonce
 
 
 def test_a_path_swapped_between_check_and_open(backend):

@@ -16,7 +16,9 @@ opted into ``sandbox.backend: process``), and the verdicts are decided outside t
   cannot turn a wrong value into a pass: the expected value never enters the sandbox.
 - stdin/stdout cases: the sandbox gets the input only; the parent compares the output (trailing
   whitespace ignored).
-- anything else (several statements, comprehensions, lambdas) runs inside, in a fresh namespace with
+- a straight line of assignments and asserts (``r = f(1)`` / ``assert r == 2``): the assignments run
+  inside, the asserts are decided outside on ``r`` brought back as plain data.
+- anything else (loops, definitions, comprehensions, lambdas) runs inside, in a fresh namespace with
   fresh builtins and the stdlib modules it names put back as they were; frame inspection, tracing,
   heap walks, hand-made code objects and signal handlers are refused.
 - any refused action (reading or writing outside, a forbidden system call, a full workdir, a signal to
@@ -30,9 +32,9 @@ Hacks that remain possible, and why:
   interpreter (a CPython memory-safety bug, a stdlib object that leaks a frame and that the guard does
   not know): the snippet's pass/fail is reported by the sandboxed process. Write tests as single
   asserts or stdin/stdout cases where the parent decides; no kernel-level escape is involved.
-- a lying object (``__eq__`` always True) inside a *free-form* snippet (``x = f(1)\nassert x == 2``):
-  that comparison runs inside the sandbox, on the program's object. A single ``assert f(1) == 2`` is
-  decided outside, where the object is refused as not plain data.
+- a lying object (``__eq__`` always True) inside a *free-form* snippet (a loop of asserts): that
+  comparison runs inside the sandbox, on the program's object. Single asserts and straight lines of
+  assignments and asserts are decided outside, where the object is refused as not plain data.
 - mutating stdlib *classes* (``collections.Counter.__eq__ = ...``) affects free-form snippets that use
   them: only module namespaces are put back, not every class inside them.
 - resource games inside the limits (sleeping to the timeout, printing up to the cap): they cost the

@@ -4,10 +4,10 @@ Run as ``python -I -S -B _boot.py CONFIG_JSON`` with the job as JSON on stdin. S
 inside the sandbox nothing but the interpreter, its standard library and this directory exist.
 
 The job holds the program, the *questions* of its tests and a nonce; never an expected answer. For an
-assert the parent can decide (``assert f(3) == 7``, ``assert abs(f(x) - 0.5) < 1e-6``) the question is
-the list of sub-expressions only the program can evaluate (``f(3)``); their values come back
-serialised as plain data (exact built-in types; anything else is "not a plain value") and the parent
-compares them. A stdin/stdout case sends only the input; the parent compares the output. Only a
+assert the parent can decide (``assert f(3) == 7``, ``assert abs(f(x) - 0.5) < 1e-6``, or a straight
+line of assignments and such asserts) the question is the list of sub-expressions only the program can
+evaluate (``f(3)``), after the assignments ran; their values come back serialised as plain data (exact
+built-in types; anything else is "not a plain value") and the parent compares them. A stdin/stdout case sends only the input; the parent compares the output. Only a
 free-form snippet (several statements, a loop) runs to a pass/fail here, in a fresh namespace with
 fresh builtins, after the standard modules it names are restored to their state before the program ran.
 
@@ -211,14 +211,24 @@ def main() -> None:
                 failure = run(test["source"], f"<test {i}>", ns, exit_ok=False)
                 report(f"test {i} fail {dumps(failure)}" if failure else f"test {i} pass")
                 continue
-            values, failure = [], None
-            for leaf in test["leaves"]:
-                try:
-                    values.append(_encode(_eval(_compile(leaf, f"<test {i}>", "eval"), ns)))
-                except _BaseException as e:
-                    failure = describe(e)
+            per_assert, failure = [], None
+            for kind, payload in test["steps"]:
+                if kind == "run":  # a statement binding names (x = f(1)); its outcome is not a verdict
+                    failure = run(payload, f"<test {i}>", ns, exit_ok=False)
+                    if failure:
+                        break
+                    continue
+                values = []
+                for leaf in payload:  # the values the parent's assert needs, as plain data
+                    try:
+                        values.append(_encode(_eval(_compile(leaf, f"<test {i}>", "eval"), ns)))
+                    except _BaseException as e:
+                        failure = describe(e)
+                        break
+                if failure:
                     break
-            report(f"test {i} err {dumps(failure)}" if failure else f"test {i} ok {dumps(values)}")
+                per_assert.append(values)
+            report(f"test {i} err {dumps(failure)}" if failure else f"test {i} ok {dumps(per_assert)}")
     if full():
         report("violation workdir full (disk fill)")
     times = os.times()

@@ -121,6 +121,16 @@ def _layers(backend: str, guard: bool = True) -> tuple[str, ...]:
     return base
 
 
+def _question(check: verdicts.Check) -> dict:
+    """What the sandbox gets of a test: the snippet, or its statements and the leaves of its asserts."""
+    if check.kind == "snippet":
+        return {"kind": "snippet", "source": check.source}
+    return {
+        "kind": "steps",
+        "steps": [[s[0], s[1]] if s[0] == "run" else ["assert", s[2]] for s in check.steps],
+    }
+
+
 def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, timeout_s: float = 10.0,
             cpu_s: int | None = None, memory_mb: int = 1024, disk_mb: int = 64, max_output_bytes: int = 1 << 20,
             max_file_bytes: int = 16 << 20, max_threads: int = 32, max_open_files: int = 256,
@@ -133,7 +143,7 @@ def run_one(code: str, tests: Sequence[str], cases: Sequence, *, backend: str, t
     tag = secrets.token_hex(6)  # on the command line, to find the run's processes
     job = {
         "code": code,
-        "tests": [{"kind": "snippet", "source": c.source} if c.kind == "snippet" else {"kind": "leaves", "leaves": c.leaves} for c in checks],
+        "tests": [_question(c) for c in checks],
         "cases": case_inputs,
         "nonce": nonce,
     }  # fmt: skip
@@ -277,9 +287,14 @@ def _result(
             elif checks[i].kind == "snippet":
                 ok, why = status == "pass", None if status == "pass" else json.loads(payload)
             elif status == "ok":
-                values = [verdicts.decode(v) for v in json.loads(payload)]
-                ok = bool(verdicts.evaluate(checks[i].expr, values))
-                why = None if ok else "assertion failed"
+                per_assert, asserts = json.loads(payload), checks[i].asserts
+                if not isinstance(per_assert, list) or len(per_assert) != len(asserts):
+                    raise ValueError("not one list of values per assert")
+                ok, why = True, None
+                for k, ((expr, _), values) in enumerate(zip(asserts, per_assert)):
+                    if not bool(verdicts.evaluate(expr, [verdicts.decode(v) for v in values])):
+                        ok, why = False, "assertion failed" if len(asserts) == 1 else f"assert {k + 1} failed"
+                        break
             else:
                 ok, why = False, json.loads(payload)
         except Exception as e:  # noqa: BLE001 — whatever came back malformed fails that test

@@ -11,8 +11,10 @@ answer pass: forging the verdict needs the right values, which is solving the ta
 Equality is strict (:func:`strict_equal`): the types must match exactly (``True`` is not ``1``, a tuple
 is not a list) except that ints and floats compare by value, as the tests' authors mean.
 
-Anything else (several statements, loops, comprehensions, lambdas) is a free-form *snippet*, run inside
-the sandbox in a fresh namespace with fresh builtins (see ``_boot``); its pass/fail comes back as a line
+Straight-line tests (``x = f(1)`` then ``assert x == 2``) are parent checks too: the assignments run
+inside, the asserts are decided here, and ``x`` itself is a leaf, so it must come back as plain data.
+Anything else (loops, definitions, comprehensions, lambdas) is a free-form *snippet*, run inside the
+sandbox in a fresh namespace with fresh builtins (see ``_boot``); its pass/fail comes back as a line
 tagged with a nonce the program never sees.
 """
 
@@ -55,13 +57,21 @@ _MAX_ITEMS = 1_000_000  # the parent refuses to build anything bigger from a pro
 
 @dataclass
 class Check:
-    """One test: ``kind`` "parent" (``expr`` with ``leaves`` replaced by ``__leaf_K__`` names) or
-    "snippet" (run inside)."""
+    """One test. ``kind`` "parent": ``steps`` in order, each ``("run", source)`` (a statement that binds
+    names, run inside the sandbox) or ``("assert", expr, leaves)`` (decided here: ``expr`` with its leaves
+    replaced by ``__leaf_K__`` names). ``kind`` "snippet": run inside as a whole."""
 
     source: str
     kind: str
-    expr: ast.expr | None = None
-    leaves: list[str] = field(default_factory=list)
+    steps: list[tuple] = field(default_factory=list)
+
+    @property
+    def asserts(self) -> list[tuple[ast.expr, list[str]]]:
+        return [(step[1], step[2]) for step in self.steps if step[0] == "assert"]
+
+    @property
+    def leaves(self) -> list[str]:
+        return [leaf for _, leaves in self.asserts for leaf in leaves]
 
 
 def _parent_evaluable(node: ast.AST) -> bool:
@@ -135,16 +145,27 @@ def plan(tests: list[str]) -> tuple[list[Check], set[str]]:
                 modules.add(node.module.split(".")[0])
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 modules.add(node.value.id)
-        body = tree.body
-        if len(body) == 1 and isinstance(body[0], ast.Assert):
-            test = body[0].test
-            # A leaf must not depend on names bound inside the expression (comprehensions, lambdas).
-            if not any(isinstance(n, _INSIDE_ONLY) for n in ast.walk(test)):
-                finder = _Leaves(source)
-                checks.append(Check(source, "parent", finder.visit(test), finder.leaves))
-                continue
-        checks.append(Check(source, "snippet"))
+        checks.append(_steps(source, tree.body) or Check(source, "snippet"))
     return checks, {m for m in modules if m.isidentifier()}
+
+
+def _steps(source: str, body: list[ast.stmt]) -> Check | None:
+    """Straight-line tests (assignments, imports, calls, then asserts: ``x = f(1)`` / ``assert x == 2``) as
+    parent checks; None for anything with control flow, definitions or no assert at all."""
+    straight = (ast.Assert, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Expr, ast.Import, ast.ImportFrom)
+    if not any(isinstance(s, ast.Assert) for s in body) or not all(isinstance(s, straight) for s in body):
+        return None
+    steps = []
+    for stmt in body:
+        if not isinstance(stmt, ast.Assert):
+            steps.append(("run", ast.get_source_segment(source, stmt) or ast.unparse(stmt)))
+            continue
+        # A leaf must not depend on names bound inside the expression (comprehensions, lambdas).
+        if any(isinstance(n, _INSIDE_ONLY) for n in ast.walk(stmt.test)):
+            return None
+        finder = _Leaves(source)
+        steps.append(("assert", finder.visit(stmt.test), finder.leaves))
+    return Check(source, "parent", steps)
 
 
 def decode(tagged, depth: int = 0):

@@ -70,6 +70,9 @@ def test_plan_sends_only_the_questions():
     assert evaluate(close, [0.5 + 1e-7]) is True and evaluate(close, [0.6]) is False
     loop = plan(["for i in range(3):\n    assert f(i) == i"])[0][0]
     assert loop.kind == "snippet"
+    humaneval = "METADATA = {}\n\ndef check(candidate):\n    assert candidate(1) == 2\n    assert candidate(2) == 3\n\ncheck(inc)"
+    (inlined,), _ = plan([humaneval])
+    assert inlined.kind == "parent" and inlined.leaves == ["inc(1)", "inc(2)"]
 
 
 def test_strict_equality_and_plain_values_only():

@@ -145,8 +145,37 @@ def plan(tests: list[str]) -> tuple[list[Check], set[str]]:
                 modules.add(node.module.split(".")[0])
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
                 modules.add(node.value.id)
+        inlined = _inline_check(tree)
+        if inlined is not None:  # HumanEval's `def check(candidate): ...` then `check(f)`
+            source, tree = inlined, ast.parse(inlined)
         checks.append(_steps(source, tree.body) or Check(source, "snippet"))
     return checks, {m for m in modules if m.isidentifier()}
+
+
+def _inline_check(tree: ast.Module) -> str | None:
+    """HumanEval's form (``METADATA = ...``, ``def check(candidate): <asserts>``, ``check(f)``) as the
+    straight line it stands for, ``candidate`` replaced by ``f``; None for any other shape."""
+    body = tree.body
+    if len(body) < 2 or not isinstance(body[-1], ast.Expr) or not isinstance(body[-2], ast.FunctionDef):
+        return None
+    func, call = body[-2], body[-1].value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == func.name):
+        return None
+    params = func.args.args
+    if len(params) != 1 or len(call.args) != 1 or not isinstance(call.args[0], ast.Name) or call.keywords:
+        return None
+    if func.decorator_list or func.args.vararg or func.args.kwarg or func.args.kwonlyargs:
+        return None
+    if not all(isinstance(s, (ast.Assign, ast.Import, ast.ImportFrom)) for s in body[:-2]):
+        return None
+    old, new = params[0].arg, call.args[0].id
+
+    class Rename(ast.NodeTransformer):
+        def visit_Name(self, node):
+            return ast.copy_location(ast.Name(new, node.ctx), node) if node.id == old else node
+
+    inlined = [Rename().visit(stmt) for stmt in func.body]
+    return ast.unparse(ast.Module(body=[*body[:-2], *inlined], type_ignores=[]))
 
 
 def _steps(source: str, body: list[ast.stmt]) -> Check | None:

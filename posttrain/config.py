@@ -507,7 +507,8 @@ class RunConfig(Section):
 
     @property
     def online(self) -> bool:
-        return self.algorithm in ONLINE
+        """An online stage: its run type has a rollout section (it samples from the policy it trains)."""
+        return "rollout" in type(self).model_fields
 
     @model_validator(mode="after")
     def _check_batch(self) -> RunConfig:
@@ -538,23 +539,27 @@ class PreferenceRun(RunConfig):
     dpo: PreferenceOptions = PreferenceOptions()
 
 
-class OnlineRun(RunConfig):
+class RolloutRun(RunConfig):
+    """What every online stage reads besides its algorithm's own options: generation (`rollout`), agent
+    episodes in place of prompts (`env`), the sandbox of code rewards and tools (`sandbox`). An online
+    algorithm's run type subclasses it and adds its `rl` section (and its own, as PPO's `ppo`)."""
+
+    rollout: RolloutConfig = RolloutConfig()
+    env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
+    sandbox: SandboxConfig = SandboxConfig()
+
+
+class OnlineRun(RolloutRun):
     """The GRPO family (grpo, dr_grpo, dapo, cispo, gspo, rloo, reinforce_pp): prompts in, rollouts, group advantages."""
 
     algorithm: Literal[GROUP_RL]
-    rollout: RolloutConfig = RolloutConfig()
     rl: GroupRLOptions = GroupRLOptions()
-    env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
-    sandbox: SandboxConfig = SandboxConfig()
 
 
-class PPORun(RunConfig):
+class PPORun(RolloutRun):
     algorithm: Literal["ppo"]
-    rollout: RolloutConfig = RolloutConfig()
     rl: RLOptions = RLOptions()
     ppo: PPOOptions = PPOOptions()
-    env: EnvConfig | None = Field(None, description="Train on agent episodes of this environment.")
-    sandbox: SandboxConfig = SandboxConfig()
 
 
 RUN_TYPES: dict[str, type[RunConfig]] = {

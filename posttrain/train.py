@@ -13,12 +13,12 @@ from pathlib import Path
 
 from posttrain import algorithms
 from posttrain.config import RunConfig, dump_config, load_config
-from posttrain.data.batching import collate, packing_supported, plan_batches
+from posttrain.data.batching import packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
 from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError, DataError, RewardError, disk_full
-from posttrain.models import count_parameters, load_model, load_tokenizer, save_final
+from posttrain.models import count_parameters, load_model, load_tokenizer
 
 
 @dataclass
@@ -40,7 +40,7 @@ def encode_files(paths: list[str], algo, tokenizer, cfg: RunConfig, *, max_error
     before any model is loaded, so that a bad row costs seconds, not a run."""
     examples, errors, dropped = [], [], 0
     for path in paths:
-        for loc, row in load_rows(path, algo.KIND):
+        for loc, row in load_rows(path, algo.kind):
             try:
                 ex = algo.encode(row, tokenizer, cfg, str(loc))
             except DataError as e:
@@ -64,7 +64,7 @@ def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) 
     """Deterministic plans and collation over encoded examples (SFT examples, pairs, ...)."""
     lengths = [len(ex) for ex in examples]
     group = cfg.data.group_by_length and not packing
-    batcher = getattr(algo, "collate", collate)
+    batcher = algo.collate
 
     def plan(epoch: int) -> list[list[int]]:
         return plan_batches(
@@ -129,7 +129,7 @@ def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult
         if accelerator.is_main_process:
             final = run.final
             with disk_full(f"step {result.step}: writing the final model to {final}"):
-                getattr(algo, "save_final", save_final)(accelerator.unwrap_model(model), tokenizer, final)
+                algo.save_final(accelerator.unwrap_model(model), tokenizer, final)
             run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
         accelerator.wait_for_everyone()
     return StageResult(
@@ -196,7 +196,7 @@ def train_offline(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False
     examples = encode_files(train_files, algo, tokenizer, cfg)
     eval_examples = encode_files(eval_files, algo, tokenizer, cfg) if eval_files else None
 
-    model = getattr(algo, "load_model", load_model)(cfg.model)
+    model = algo.load_model(cfg)
     packing = cfg.data.packing
     # A reward model's head pools one token per sequence: probe the backbone underneath.
     if packing and not packing_supported(getattr(model, "backbone", model)):
@@ -389,7 +389,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
     reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
     eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
 
-    model = algo.load_model(cfg) if hasattr(algo, "load_model") else load_model(cfg.model)
+    model = algo.load_model(cfg)
     reference = None
     if cfg.rl.kl_coef > 0:
         reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
@@ -411,9 +411,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
         sandbox=sandbox_info,
     )
     model.to(accelerator.device)
-    engine = make_engine(
-        cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
-    )
+    engine = make_engine(cfg, algo.policy(model), tokenizer, accelerator)
     source = RolloutSource(
         cfg,
         rows=rows,
@@ -434,7 +432,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
             cfg.train,
             accelerator=accelerator,
             model=model,
-            objective=algo.Objective(cfg, source),
+            objective=algo.Objective(cfg),
             data=source,
             evaluator=evaluator,
             run=run,

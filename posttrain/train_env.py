@@ -94,7 +94,7 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
     tasks = task_rows(cfg.env, train_files, split="train")
     eval_tasks = task_rows(cfg.env, eval_files, split="held_out")
 
-    model = algo.load_model(cfg) if hasattr(algo, "load_model") else load_model(cfg.model)
+    model = algo.load_model(cfg)
     reference = None
     if cfg.rl.kl_coef > 0:
         reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
@@ -116,9 +116,7 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
         sandbox=sandbox_info,
     )
     model.to(accelerator.device)
-    engine = make_engine(
-        cfg, algo.policy(model) if hasattr(algo, "policy") else model, tokenizer, accelerator
-    )
+    engine = make_engine(cfg, algo.policy(model), tokenizer, accelerator)
     main = accelerator.is_main_process
     budget = make_runner(cfg, tokenizer).budgets
     source = EnvSource(
@@ -140,7 +138,7 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
             cfg.train,
             accelerator=accelerator,
             model=model,
-            objective=algo.Objective(cfg, source),
+            objective=algo.Objective(cfg),
             data=source,
             evaluator=evaluator,
             run=run,

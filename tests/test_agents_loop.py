@@ -91,8 +91,8 @@ def source(cfg, policy, tmp_path=None, tokenizer=TOK, tasks=None):
 
 def rollout(src):
     generated = src.generate_scored(src.engine)
-    src.algo.annotate(src, None, generated.buffer)
-    src.algo.advantages(src, generated.buffer)
+    src.annotate(None, generated.buffer)
+    src.add_advantages(generated.buffer)
     return generated
 
 
@@ -167,7 +167,7 @@ def test_dr_grpo_normaliser_is_the_policy_token_budget_and_trajectories_are_writ
     assert adv.tolist() == pytest.approx([0.5, -0.5, 0.5, -0.5])  # Dr. GRPO: r - mean, no std
     batch = {k: v for k, v in step.micro[0].items()}
     batch["old_logps"] = src.forward_logps(model, buffer.select(_order(buffer, batch)))["logps"]
-    loss, _ = src.algo.Objective(cfg, src).loss(model, batch)
+    loss, _ = src.algo.Objective(cfg).loss(model, batch)
     # ratio 1 everywhere: each policy token's loss is -A; summed, over the constant 3 x 40 = 120
     n = {e.task_id + str(e.index): e.policy_tokens for e in src.last_episodes}
     expected = -sum(a * p for a, p in zip(adv.tolist(), n.values())) / 120
@@ -223,7 +223,7 @@ def test_gradients_at_environment_tokens_are_zero_through_the_objective(tmp_path
 
     hook = model.lm_head.register_forward_hook(keep)
     try:
-        loss, _ = src.algo.Objective(src.cfg, src).loss(model, {**batch})
+        loss, _ = src.algo.Objective(src.cfg).loss(model, {**batch, **src.step_scalars()})
         loss.backward()
     finally:
         hook.remove()

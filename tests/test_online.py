@@ -162,6 +162,7 @@ class _Engine:
 
     eos = [0]
     policy_version = 0
+    exact_logprobs = True
 
     def generate(self, prompt_ids, n, sampling):
         return [

@@ -220,3 +220,39 @@ def test_finished_rows_leave_the_batch_without_changing_the_samples(tiny, prompt
             expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
             assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
             assert (c.finish_reason == "stop") == (c.token_ids[-1] in engine.eos)
+
+
+def test_ppo_trains_on_per_token_advantages_never_a_per_sample_copy():
+    """PPO's GAE advantages are per token: the micro-batch must carry the [N, C] tensor. (A per-sample copy
+    of the same name, kept for samples.jsonl, used to shadow it in `batch`, so PPO trained on each
+    completion's mean advantage.)"""
+    from types import SimpleNamespace
+
+    from posttrain.algorithms import ppo
+    from posttrain.rollout.buffer import Rollout
+
+    mask = torch.tensor([[True, True], [True, False]])
+    rollout = Rollout(
+        rewards=torch.tensor([1.0, 0.0]), group_size=1, mask=mask, old_logps=torch.zeros(2, 2),
+        ref_logps=None, old_values=torch.tensor([[0.5, 0.5], [0.2, 0.4]]), valid=None,
+    )  # fmt: skip
+    cfg = SimpleNamespace(ppo=SimpleNamespace(whiten_rewards=False, gamma=1.0, lam=1.0))
+    out = ppo.advantages(rollout, cfg, kl_coef=0.0)
+    # by hand, gamma = lam = 1: sample 0's token rewards [0, 1] -> A = [0.5, 0.5], returns [1, 1];
+    # sample 1 (one token, reward 0, V 0.2) -> A = [-0.2], returns [0]
+    assert out["returns"][mask].tolist() == pytest.approx([1.0, 1.0, 0.0])
+    raw = torch.tensor([0.5, 0.5, -0.2])
+    whitened = (raw - raw.mean()) / (raw.var() + 1e-8).sqrt()  # whiten: unbiased variance over the mask
+    assert out["advantages"][mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-6)
+    buffer = RolloutBuffer(
+        prompt_ids=[[1], [1]],
+        completions=[Completion([2, 3], [0.0, 0.0], "ab", "stop"), Completion([2], [0.0], "a", "stop")],
+        rows=[{}, {}],
+        group_size=1,
+        rewards=rollout.rewards,
+    )
+    buffer.token["advantages"] = out["advantages"]
+    assert buffer.batch([0, 1], 0)["advantages"].shape == (2, 2)
+    buffer.sequence["advantages"] = out["advantages"].mean(1)
+    with pytest.raises(ValueError, match="both per-token and per-sample"):
+        buffer.batch([0, 1], 0)

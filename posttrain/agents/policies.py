@@ -52,6 +52,8 @@ class ScriptedPolicy:
             a non-canonical one to stand for what a sampling policy may produce.
     """
 
+    exact_logprobs = True  # its log-probs are the behaviour policy's by definition (the engine protocol)
+
     def __init__(
         self,
         tokenizer,

@@ -57,7 +57,6 @@ class EpisodeBuffer(RolloutBuffer):
     is False for a masked episode (left out of the group baselines)."""
 
     policy_masks: list[list[bool]] = field(default_factory=list)
-    valid: Tensor | None = None
 
     def completion_lengths(self) -> list[int]:
         return [sum(m) for m in self.policy_masks]
@@ -79,7 +78,6 @@ class EpisodeBuffer(RolloutBuffer):
         return EpisodeBuffer(
             **{f.name: getattr(sub, f.name) for f in fields(RolloutBuffer)},
             policy_masks=[self.policy_masks[i] for i in index],
-            valid=None if self.valid is None else self.valid[index],
         )
 
 

@@ -1,20 +1,52 @@
-"""One small module per algorithm family. An offline algorithm module provides:
+"""One small module per algorithm family, and the two contracts they meet.
 
-KIND                      the row schema it reads ("sft", "preference", "feedback")
-encode(row, tok, cfg, where) -> example or None (dropped by the truncation policy)
-Objective(cfg)            .weight(batch) and .loss(model, batch), see engine/loop.py
+An algorithm is a module. :func:`get` reads it once into an :class:`Offline` or :class:`Online` record,
+filling the optional hooks with their defaults; ``train.py``, the loop and the rollout source call the
+record's fields and never probe the module.
 
-An online one (reads "prompt" rows; see posttrain/rollout/source.py) provides:
+**Offline** (SFT, reward model, DPO family, KTO): rows -> examples -> micro-batches -> a summed loss.
 
-forward(model, batch, temperature) -> (logits / temperature, values or None)
-annotate(source, model, buffer)    per-token tensors of a fresh rollout (old / reference log-probs, values)
-advantages(cfg, buffer)            the advantages of a rollout
-Objective(cfg)                     as above, over rollout micro-batches
+    KIND                       the row schema it reads ("sft", "preference", "feedback"; data/schemas.py)
+    encode(row, tokenizer, cfg, where) -> Example | None     None: dropped by data.truncation
+    Objective(cfg)             .weight(batch) -> units, .loss(model, batch) -> (summed loss, summed metrics)
+                               (engine/loop.py's contract); optional .prepare(reference, examples,
+                               indices, *, cache, collate_fn, micro_batch): once, before the first step
+                               (the reference log-probs of DPO and KTO)
+    load_model(cfg) -> model   optional; default: models.load_model(cfg.model)
+    collate(examples, *, pad_id, packing, max_length) -> batch   optional; default: data.batching.collate
+    save_final(model, tokenizer, out)                       optional; default: models.save_final
+
+**Online** (GRPO family, PPO): prompt rows -> rollouts (rollout/source.py) -> micro-batches -> a summed
+loss. The source generates, scores and annotates every rollout itself (sampling and reference log-probs,
+the loss mask, values when the algorithm has a critic); the algorithm only says:
+
+    forward(model, batch, temperature, *, share_prompts) -> (logits / temperature [N, C, V], values [N, C]
+                               or None): the policy's distribution at each completion token (and V(s_t))
+    advantages(rollout, cfg, kl_coef) -> {name: tensor}     pure: rollout.buffer.Rollout's tensors in,
+                               "advantages" ([N], or [N, C] per token) and anything else the loss reads
+                               ("returns") out; checked against numbers by hand like advantages.py
+    Objective(cfg)             as offline, over the rollout's micro-batches; a micro-batch also holds the
+                               step's "kl_coef" (the source's, possibly adapted) and "policy_token_budget"
+                               (Dr. GRPO's constant: max_new_tokens, an episode's budget for agents)
+    VALUES = True              optional; the trained module has a critic: the source asks `forward` for
+                               the values of each rollout (PPO's old values)
+    load_model(cfg), save_final(...)                        optional, as offline
+    policy(model) -> the causal LM the engine samples from  optional; default: the model itself
+
+Adding an algorithm: write the module (the toy in tests/test_algorithm_contract.py is one screen), then
+add its name to OFFLINE or ONLINE below and give it a run type in config.py's RUN_TYPES (a subclass of
+RunConfig with its own sections; an online one subclasses RolloutRun).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import import_module
 
-from posttrain.errors import ConfigError
+from posttrain.data.batching import collate
+from posttrain.errors import ConfigError, unknown
+from posttrain.models import load_model, save_final
 
 OFFLINE = {
     "sft": "posttrain.algorithms.sft",
@@ -32,8 +64,65 @@ ONLINE = {
 }
 
 
-def get(name: str):
-    modules = {**OFFLINE, **ONLINE}
-    if name not in modules:
-        raise ConfigError(f"unknown algorithm {name!r}; available: {', '.join(modules)}")
-    return import_module(modules[name])
+def _load_model(cfg):
+    return load_model(cfg.model)
+
+
+def _the_model(model):
+    return model
+
+
+@dataclass(frozen=True)
+class Offline:
+    """An offline algorithm, every hook filled (module docstring)."""
+
+    name: str
+    kind: str
+    encode: Callable
+    Objective: type
+    load_model: Callable = _load_model
+    collate: Callable = collate
+    save_final: Callable = save_final
+
+
+@dataclass(frozen=True)
+class Online:
+    """An online algorithm, every hook filled (module docstring)."""
+
+    name: str
+    forward: Callable
+    advantages: Callable
+    Objective: type
+    values: bool = False
+    load_model: Callable = _load_model
+    save_final: Callable = save_final
+    policy: Callable = _the_model
+    kind: str = "prompt"
+
+
+def from_module(name: str, module, *, online: bool) -> Offline | Online:
+    """The record of an algorithm module; a missing required hook is an error naming it."""
+    required = ("forward", "advantages", "Objective") if online else ("KIND", "encode", "Objective")
+    missing = [hook for hook in required if not hasattr(module, hook)]
+    if missing:
+        raise ConfigError(f"algorithm {name!r} ({module.__name__}) lacks {', '.join(missing)}")
+    optional = ("load_model", "save_final") + (("policy",) if online else ("collate",))
+    hooks = {hook: getattr(module, hook) for hook in optional if hasattr(module, hook)}
+    if online:
+        return Online(
+            name,
+            module.forward,
+            module.advantages,
+            module.Objective,
+            getattr(module, "VALUES", False),
+            **hooks,
+        )
+    return Offline(name, module.KIND, module.encode, module.Objective, **hooks)
+
+
+def get(name: str) -> Offline | Online:
+    """The algorithm ``name`` (an ``algorithm:`` of a config)."""
+    if name not in OFFLINE and name not in ONLINE:
+        raise ConfigError(unknown("algorithm", name, [*OFFLINE, *ONLINE]))
+    online = name in ONLINE
+    return from_module(name, import_module((ONLINE if online else OFFLINE)[name]), online=online)

@@ -29,73 +29,39 @@ from posttrain.advantages import (
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum
-from posttrain.rollout.buffer import tempered_forward
+from posttrain.rollout.buffer import Rollout, tempered_forward
 
 KIND = "prompt"  # the row schema online algorithms read
 forward = tempered_forward  # the policy is a plain language model: tempered completion logits
 
 
-def old_logps(source, model, buffer) -> torch.Tensor:
-    """The PPO ratio's denominator: the engine's sampling log-probs where they are the trainer's own
-    numbers (HF engine), else (vLLM, synchronous) a forward pass of the policy as it sampled."""
-    exact = getattr(source.engine, "exact_logprobs", True)
-    if exact or source.ro.max_policy_lag > 0:  # stale samples keep the behaviour policy's log-probs
-        return buffer.per_token([c.logprobs for c in buffer.completions])
-    return source.forward_logps(source.policy(model), buffer)["logps"]
-
-
-def annotate(source, model, buffer) -> None:
-    """Old log-probs and, with a KL term, reference log-probs."""
-    buffer.token["old_logps"] = old_logps(source, model, buffer)
-    if source.reference is not None:
-        buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
-    keep = [
-        0.0 if source.rl.mask_truncated and c.finish_reason == "length" else 1.0 for c in buffer.completions
-    ]
-    buffer.sequence["loss_mask"] = torch.tensor(keep)
-
-
-def advantages(source, buffer) -> None:
-    """Per-sample advantages ([N], broadcast over tokens) or per-token ones ([N, L]) for REINFORCE++
-    with the KL in the reward."""
-    rl, G, rewards = source.rl, buffer.group_size, buffer.rewards
-    # agent episodes: infra / data / drift failures are left out of the baselines (agents/failures.py)
-    valid = getattr(buffer, "valid", None)
-    kl_in_reward = rl.kl_in_reward and source.kl_coef > 0 and "ref_logps" in buffer.token
+def advantages(rollout: Rollout, cfg, kl_coef: float) -> dict[str, torch.Tensor]:
+    """``{"advantages": [N]}`` (one per sample, broadcast over its tokens), or ``[N, C]`` per token for
+    REINFORCE++ with the KL in the reward. Samples with ``rollout.valid`` False (agents' infra / data /
+    drift failures, agents/failures.py) are left out of every baseline, and of the loss."""
+    rl, G, rewards, valid = cfg.rl, rollout.group_size, rollout.rewards, rollout.valid
     if rl.advantage == "group":
-        adv = group_advantages(rewards, G, scale=rl.scale, valid=valid)
-    elif rl.advantage == "rloo":
-        adv = leave_one_out_advantages(rewards, G, valid=valid)
-    elif rl.advantage == "reinforce_pp":
-        group = G if G > 1 else None
-        if kl_in_reward:
-            mask = buffer.completion_mask()
-            kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator=rl.kl_estimator)
-            adv = reinforce_pp_advantages(
-                rewards, mask, kl=kl * mask, kl_coef=source.kl_coef, group_size=group
-            )
-        else:
-            adv = reinforce_pp_advantages(rewards, group_size=group)
-    if valid is not None and rl.advantage == "reinforce_pp":  # out of the loss (not of the batch whitening)
-        adv = adv * (valid[:, None] if adv.dim() == 2 else valid)
-    if adv.dim() == 2:
-        buffer.token["advantages"] = adv.float()
-        buffer.sequence["advantages"] = (adv * buffer.completion_mask()).sum(1)  # for samples.jsonl
+        return {"advantages": group_advantages(rewards, G, scale=rl.scale, valid=valid)}
+    if rl.advantage == "rloo":
+        return {"advantages": leave_one_out_advantages(rewards, G, valid=valid)}
+    group = G if G > 1 else None  # reinforce_pp
+    if rl.kl_in_reward and kl_coef > 0 and rollout.ref_logps is not None:
+        mask = rollout.mask
+        kl = kl_penalty(rollout.old_logps, rollout.ref_logps, estimator=rl.kl_estimator)
+        adv = reinforce_pp_advantages(rewards, mask, kl=kl * mask, kl_coef=kl_coef, group_size=group)
     else:
-        buffer.sequence["advantages"] = adv.float()
+        adv = reinforce_pp_advantages(rewards, group_size=group)
+    if valid is not None:  # out of the loss (not of the batch whitening)
+        adv = adv * (valid[:, None] if adv.dim() == 2 else valid)
+    return {"advantages": adv}
 
 
 class Objective:
     """Clipped policy-gradient loss (+ KL loss). weight = the aggregation's units (tokens or sequences)."""
 
-    def __init__(self, cfg, source=None):
-        self.cfg, self.rl, self.source = cfg, cfg.rl, source
+    def __init__(self, cfg):
+        self.cfg, self.rl = cfg, cfg.rl
         self.kl_loss = self.rl.kl_coef > 0 and not self.rl.kl_in_reward
-
-    @property
-    def kl_coef(self) -> float:
-        """The rollout source's (possibly adapted or rolled-back) coefficient, else the configured one."""
-        return self.source.kl_coef if self.source is not None else self.rl.kl_coef
 
     def mask(self, batch: dict) -> torch.Tensor:
         return (batch["targets"] != IGNORE_INDEX) & (batch["loss_mask"][:, None] > 0)
@@ -118,7 +84,7 @@ class Objective:
             adv,
             mask,
             # Dr. GRPO's constant: the generation budget in policy tokens (an agent source's is per episode)
-            max_len=getattr(self.source, "policy_token_budget", self.cfg.rollout.max_new_tokens),
+            max_len=int(batch["policy_token_budget"]),
             entropies=entropies,
             behaviour_logps=batch.get("sampler_logps"),
             is_weights=batch.get("is_weights"),
@@ -130,7 +96,7 @@ class Objective:
             kl_sum = unit_sum(kl, mask, self.rl.aggregation)
             metrics["kl_to_ref"] = kl_sum.detach()
             if self.kl_loss:
-                loss = loss + self.kl_coef * kl_sum
+                loss = loss + batch["kl_coef"] * kl_sum  # the source's coefficient (adaptive, rolled back)
         return loss, metrics
 
 

@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from posttrain.advantages import gae, kl_penalty, whiten
-from posttrain.algorithms.grpo import KIND, old_logps  # noqa: F401  (KIND: prompt rows)
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.logprobs import entropy, token_logprobs
 from posttrain.losses import loss_units, policy_loss_sum, value_loss_sum
 from posttrain.models import load_model as load_causal_lm
 from posttrain.models import save_final as save_causal_lm
-from posttrain.rollout.buffer import completion_forward
+from posttrain.rollout.buffer import Rollout, completion_forward
+
+VALUES = True  # the trained module has a critic: the rollout source records its values at rollout time
 
 
 class PolicyWithValue(nn.Module):
@@ -91,44 +92,29 @@ def forward(model, batch: dict, temperature: float, *, share_prompts: bool = Tru
     return (logits / temperature if temperature != 1.0 else logits), values
 
 
-def annotate(source, model, buffer) -> None:
-    """Old log-probs (sampling), values at rollout time, reference log-probs for the KL penalty."""
-    buffer.token["old_logps"] = old_logps(source, model, buffer)
-    buffer.token["old_values"] = source.forward_logps(model, buffer, values=True)["values"]
-    if source.reference is not None:
-        buffer.token["ref_logps"] = source.forward_logps(source.reference, buffer)["logps"]
-    keep = [
-        0.0 if source.rl.mask_truncated and c.finish_reason == "length" else 1.0 for c in buffer.completions
-    ]
-    buffer.sequence["loss_mask"] = torch.tensor(keep)
-
-
-def advantages(source, buffer) -> None:
-    """Per-token rewards (KL penalty + the sequence reward on the last token), GAE, whitening."""
-    ppo = source.cfg.ppo
-    mask = buffer.completion_mask()
-    rewards = buffer.rewards.clone()
+def advantages(rollout: Rollout, cfg, kl_coef: float) -> dict[str, torch.Tensor]:
+    """Per-token rewards (the k1 KL penalty on every token + the sequence reward on the last one), GAE over
+    the rollout-time values, whitened over the batch: ``{"advantages": [N, C], "returns": [N, C]}``."""
+    ppo, mask = cfg.ppo, rollout.mask
+    rewards = rollout.rewards.clone()
     if ppo.whiten_rewards:
         rewards = whiten(rewards, shift_mean=False)
     token_rewards = torch.zeros(mask.shape)
     last = mask.float().cumsum(1).argmax(1)  # position of each completion's last token
-    rows = torch.arange(len(buffer))
+    rows = torch.arange(len(rewards))
     has_tokens = mask.any(1)
     token_rewards[rows[has_tokens], last[has_tokens]] = rewards[has_tokens]
-    if "ref_logps" in buffer.token and source.kl_coef > 0:
-        kl = kl_penalty(buffer.token["old_logps"], buffer.token["ref_logps"], estimator="k1")
-        token_rewards = token_rewards - source.kl_coef * kl * mask
-    adv, returns = gae(token_rewards, buffer.token["old_values"], mask, gamma=ppo.gamma, lam=ppo.lam)
-    adv = whiten(adv, mask)
-    buffer.token["advantages"] = adv
-    buffer.token["returns"] = returns
-    buffer.sequence["advantages"] = (adv * mask).sum(1) / mask.sum(1).clamp(min=1)  # for samples.jsonl
+    if rollout.ref_logps is not None and kl_coef > 0:
+        kl = kl_penalty(rollout.old_logps, rollout.ref_logps, estimator="k1")
+        token_rewards = token_rewards - kl_coef * kl * mask
+    adv, returns = gae(token_rewards, rollout.old_values, mask, gamma=ppo.gamma, lam=ppo.lam)
+    return {"advantages": whiten(adv, mask), "returns": returns}
 
 
 class Objective:
     """Clipped policy loss + vf_coef x clipped value loss, both token means over the global batch."""
 
-    def __init__(self, cfg, source=None):
+    def __init__(self, cfg):
         self.cfg, self.rl, self.ppo = cfg, cfg.rl, cfg.ppo
 
     def mask(self, batch: dict) -> torch.Tensor:

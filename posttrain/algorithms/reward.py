@@ -22,8 +22,9 @@ KIND = "preference"
 __all__ = ["RewardModel", "last_token_positions", "load_model", "Objective"]
 
 
-def load_model(cfg_model) -> RewardModel:
+def load_model(cfg) -> RewardModel:
     """The policy checkpoint with a fresh scalar head (LoRA, if configured, trains the head too)."""
+    cfg_model = cfg.model
     rm = RewardModel.from_pretrained(cfg_model.path, dtype=cfg_model.dtype)
     if cfg_model.lora is not None:
         from peft import LoraConfig, get_peft_model

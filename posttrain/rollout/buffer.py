@@ -31,6 +31,20 @@ from posttrain.hf_compat import cache_inputs, is_activation_checkpointing, outpu
 from posttrain.rollout.engine import Completion, forward_last
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """What an advantage estimator reads of one rollout: N samples, prompt-major (the G samples of a
+    prompt are consecutive), C = the longest completion. Pure tensors, no model, no config."""
+
+    rewards: Tensor  # [N] total reward of each sample
+    group_size: int  # G
+    mask: Tensor  # [N, C] bool: the tokens the policy sampled
+    old_logps: Tensor  # [N, C] log-probs of the behaviour policy (the ratio's denominator)
+    ref_logps: Tensor | None  # [N, C] under the reference model, when there is a KL term
+    old_values: Tensor | None  # [N, C] V(s_t) of the critic at rollout time (PPO)
+    valid: Tensor | None  # [N] bool: False for samples kept out of baselines (agents' masked episodes)
+
+
 @dataclass
 class RolloutBuffer:
     prompt_ids: list[list[int]]  # per sample (repeated over its group)
@@ -41,6 +55,7 @@ class RolloutBuffer:
     components: dict[str, list[float]] = field(default_factory=dict)
     token: dict[str, Tensor] = field(default_factory=dict)  # per-token [N, L] tensors, layout above
     sequence: dict[str, Tensor] = field(default_factory=dict)  # per-sample [N] tensors (advantages, ...)
+    valid: Tensor | None = None  # [N] bool: False for a sample left out of the baselines (agents' masked)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -86,6 +101,18 @@ class RolloutBuffer:
         lengths = torch.tensor(self.completion_lengths())
         return torch.arange(self.width)[None, :] < lengths[:, None]
 
+    def rollout(self) -> Rollout:
+        """The tensors an advantage estimator reads (after the source annotated the buffer)."""
+        return Rollout(
+            rewards=self.rewards,
+            group_size=self.group_size,
+            mask=self.completion_mask(),
+            old_logps=self.token["old_logps"],
+            ref_logps=self.token.get("ref_logps"),
+            old_values=self.token.get("old_values"),
+            valid=self.valid,
+        )
+
     def per_token(self, values: list[list[float]]) -> Tensor:
         """Per-completion-token values (e.g. sampling log-probs) as an [N, C] tensor."""
         out = torch.zeros((len(self), self.width), dtype=torch.float32)
@@ -103,6 +130,7 @@ class RolloutBuffer:
             group_size=self.group_size,
             rewards=None if self.rewards is None else self.rewards[index],
             components={k: [v[i] for i in index] for k, v in self.components.items()},
+            valid=None if self.valid is None else self.valid[index],
         )
         width = sub.width
         sub.token = {k: v[index, :width] for k, v in self.token.items()}
@@ -113,6 +141,9 @@ class RolloutBuffer:
         """One micro-batch: the training layout and every per-token / per-sample tensor, trimmed to the
         longest prompt and completion among `index`."""
         sub = self.select(index)
+        clash = set(sub.token) & set(sub.sequence)
+        if clash:  # one name, one tensor: a per-sample copy must never shadow the per-token one
+            raise ValueError(f"rollout tensors {sorted(clash)} are both per-token and per-sample")
         return {**sub.layout(pad_id), **sub.token, **sub.sequence}
 
     def write_samples(

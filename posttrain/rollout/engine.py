@@ -58,7 +58,10 @@ class Completion:
 
 
 class Engine(Protocol):
-    policy_version: int
+    """What the rollout source needs of a generation engine (HFEngine, VLLMEngine)."""
+
+    policy_version: int  # the rollouts the weights it samples with had trained on
+    exact_logprobs: bool  # its sampling log-probs are the trainer's own numbers (same model and precision)
 
     def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]: ...
 

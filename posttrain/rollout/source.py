@@ -66,8 +66,8 @@ class RolloutSource:
         tokenizer: the policy's tokenizer.
         engine: the generation engine (shares the trained module, or has its own copy when async).
         reward: a `posttrain.rewards.Combined`.
-        algo: the algorithm module: `annotate(source, model, buffer)` adds per-token tensors (reference
-            log-probs, values) and `advantages(cfg, buffer)` the advantages.
+        algo: the online algorithm (`posttrain.algorithms.Online`): its `forward` gives a critic's values
+            (when `algo.values`), its pure `advantages(rollout, cfg, kl_coef)` the advantages.
         accelerator: for the device and cross-process reductions.
         samples_path: where to append samples.jsonl (main process), or None.
         reference: a frozen reference model when rl.kl_coef > 0 (None: no KL).
@@ -106,6 +106,9 @@ class RolloutSource:
                 f"processes ({self.world})"
             )
         self.local_prompts = self.ro.prompts_per_step // self.world
+        self.policy_token_budget = (
+            self.ro.max_new_tokens
+        )  # most policy tokens per sample: Dr. GRPO's constant
         self.prompt_texts, self.prompt_ids = encoded or encode_prompts(tokenizer, [r["prompt"] for r in rows])
         self.steps_per_rollout = self.rl.epochs * self.rl.minibatches
         samples = self.local_prompts * self.ro.group_size
@@ -182,7 +185,18 @@ class RolloutSource:
     def next_step(self, state, model) -> Step:
         if not self.pending:
             self.pending = self._rollout(model, state.step + 1)
-        return self.pending.pop(0)
+        step = self.pending.pop(0)
+        for batch in step.micro:
+            batch.update(self.step_scalars())
+        return step
+
+    def step_scalars(self) -> dict[str, torch.Tensor]:
+        """What an objective reads of the source, put into each micro-batch as it is served: the KL
+        coefficient as it is now (adapted, or scaled by a rollback) and the policy-token budget."""
+        return {
+            "kl_coef": torch.tensor(float(self.kl_coef)),
+            "policy_token_budget": torch.tensor(self.policy_token_budget),
+        }
 
     def after_step(self, state, model) -> None:
         if not self.pending:  # the rollout is used up: the next one samples from the new weights
@@ -195,7 +209,7 @@ class RolloutSource:
 
     def policy(self, net):
         """The causal LM inside the trained module (PPO trains policy and critic as one)."""
-        return self.algo.policy(net) if hasattr(self.algo, "policy") else net
+        return self.algo.policy(net)
 
     def close(self) -> None:
         """Stop and join the generation thread, if any (every exit path of a run)."""
@@ -323,8 +337,8 @@ class RolloutSource:
             generated, version = self.generate_scored(self.engine), self.rollouts
         wait_s = time.perf_counter() - t0
         buffer = generated.buffer
-        self.algo.annotate(self, net, buffer)
-        self.algo.advantages(self, buffer)
+        self.annotate(net, buffer)
+        self.add_advantages(buffer)
         metrics = {**generated.metrics, **self._metrics(buffer), "policy_lag": self.rollouts - version}
         if "kl" in metrics:
             metrics["kl_coef"] = self.kl_coef
@@ -333,8 +347,7 @@ class RolloutSource:
         if self._producer is not None:
             metrics["rollout/wait_seconds"] = wait_s
         if self.samples_path is not None and self.ro.samples_log:
-            adv = buffer.sequence.get("advantages")
-            extra = {"advantage": [round(float(a), 6) for a in adv]} if adv is not None else None
+            extra = {"advantage": [round(float(a), 6) for a in sample_advantages(buffer)]}
             with disk_full(f"step {step}: writing {self.samples_path}"):
                 buffer.write_samples(self.samples_path, step=step, prompts=generated.prompts, extra=extra)
         return self._steps(buffer, metrics)
@@ -357,6 +370,33 @@ class RolloutSource:
                 batches = [buffer.batch(mini[j : j + micro], self.pad_id) for j in range(0, len(mini), micro)]
                 steps.append(Step(micro=batches, tokens=sum(lengths[i] for i in mini), metrics=metrics))
         return steps
+
+    def annotate(self, net, buffer: RolloutBuffer) -> None:
+        """The per-token tensors every online objective reads, for a fresh rollout: the behaviour policy's
+        log-probs (`old_logps`), the reference's (`ref_logps`, with a KL term), the critic's values at
+        rollout time (`old_values`, when the algorithm has one) and the per-sample `loss_mask` (0 for a
+        truncated completion with rl.mask_truncated)."""
+        buffer.token["old_logps"] = self.old_logps(net, buffer)
+        if self.algo.values:
+            buffer.token["old_values"] = self.forward_logps(net, buffer, values=True)["values"]
+        if self.reference is not None:
+            buffer.token["ref_logps"] = self.forward_logps(self.reference, buffer)["logps"]
+        truncated = [self.rl.mask_truncated and c.finish_reason == "length" for c in buffer.completions]
+        buffer.sequence["loss_mask"] = torch.tensor([0.0 if t else 1.0 for t in truncated])
+
+    def add_advantages(self, buffer: RolloutBuffer) -> None:
+        """The algorithm's advantages (and what else its loss reads, e.g. returns) of an annotated buffer:
+        [N, C] tensors per token, [N] per sample."""
+        for name, value in self.algo.advantages(buffer.rollout(), self.cfg, self.kl_coef).items():
+            (buffer.token if value.dim() == 2 else buffer.sequence)[name] = value.float()
+
+    def old_logps(self, net, buffer: RolloutBuffer) -> torch.Tensor:
+        """The ratio's denominator: the engine's sampling log-probs where they are the trainer's own numbers
+        (HF engine) or the behaviour policy's of stale samples (asynchronous), else (vLLM, synchronous) a
+        forward pass of the policy as it sampled."""
+        if self.engine.exact_logprobs or self.ro.max_policy_lag > 0:
+            return buffer.per_token([c.logprobs for c in buffer.completions])
+        return self.forward_logps(self.policy(net), buffer)["logps"]
 
     @torch.no_grad()
     def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
@@ -434,3 +474,12 @@ class RolloutSource:
             kl = ((buffer.token["old_logps"] - buffer.token["ref_logps"]) * mask).sum(1)
             out["kl"] = self.accelerator.reduce(kl.sum().to(self.accelerator.device), "sum").item() / n
         return out
+
+
+def sample_advantages(buffer: RolloutBuffer) -> torch.Tensor:
+    """[N] one advantage per sample for samples.jsonl: the per-sample one, or the mean of per-token ones over
+    the sample's policy tokens."""
+    if "advantages" in buffer.token:
+        mask = buffer.completion_mask()
+        return (buffer.token["advantages"] * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return buffer.sequence["advantages"]

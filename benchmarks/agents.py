@@ -61,7 +61,7 @@ def start_model(work: Path, size: str, threads: int) -> Path:
         return final
     torch.set_num_threads(threads)
     base = build_tiny(work / size / "base", size=size, seed=0)
-    rows = demo_rows("calculator", build_tokenizer(), n=1024, seed=1)
+    rows = demo_rows("calculator", build_tokenizer(), n=8192, seed=1)  # too few rows are memorised
     demos = work / size / "demos.jsonl"
     demos.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train(

@@ -1,11 +1,13 @@
-"""Agentic RL end to end on CPU (slow): on `calculator`, SFT on golden demos then GRPO raises held-out
-success above the SFT start and the no-tool baseline (3 seeds); on `sql` held-out success rises and hack
-labels stay 0; an env run resumes exactly mid-rollout; the example config runs unchanged on a chat model
-given by path (byte-level BPE, ChatML template)."""
+"""Agentic RL end to end on CPU (slow): an env run resumes exactly mid-rollout; every online preset trains
+on episodes; the example config runs unchanged on a chat model given by path (byte-level BPE, ChatML
+template). The learning runs (on `calculator`, SFT on golden demos then GRPO above the SFT start and the
+no-tool baseline over 3 seeds; on `sql`, held-out success up and hack labels at 0) are written and
+skipped until measured (see the note above them)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -161,10 +163,20 @@ def test_the_example_config_runs_unchanged_on_a_chat_model_by_path(tmp_path, too
 
 
 # --------------------------------------------------------------------------- learning
-
+#
+# Not yet validated. Measured in the session that wrote them (2 shared CPU cores at a load of 8-13): after
+# 200 SFT steps on 1,024 golden demos the tiny model's held-out success was 0/64, 0/64 and 1/64 (seeds
+# 0, 1, 2): its SFT loss sat on the plateau before copying is learnt (0.42-0.48 nats per assistant token,
+# the digits near uniform), it wrote the same few numbers for every task, and GRPO from a start that never
+# succeeds has no signal. The protocol below therefore uses 8,192 demos (no row seen more than a few
+# times) and more SFT steps; its thresholds must come from the spread of a measured run of the 3 seeds.
 
 CALC = {"max_turns": 3, "max_new_tokens": 32, "max_tool_tokens": 16}
-SFT_STEPS, RL_STEPS, RL_LR = 200, 20, 2e-4
+SQL = {"max_turns": 3, "max_new_tokens": 96, "max_tool_tokens": 48}
+DEMOS, SFT_STEPS, RL_STEPS, RL_LR = 8192, 600, 20, 2e-4
+UNMEASURED = (
+    "thresholds not yet measured: the SFT start did not learn to copy within this CPU budget (see above)"
+)
 
 
 def direct(task):
@@ -174,32 +186,28 @@ def direct(task):
 
 def calculator_seed(root, seed: int) -> dict:
     """Held-out success of SFT on golden demos (calc, then answer), of SFT on no-tool demos, and of GRPO
-    from the first; each SFT on 1,024 demos of its own seed from a fresh random tiny model."""
+    from the first; each SFT from a fresh random tiny model on demos of its own seed."""
     base = build_tiny(root / "base", seed=seed)
     tok = build_tokenizer()
-    golden = sft(
-        root, base, demo_rows("calculator", tok, n=1024, seed=100 + seed), "sft", steps=SFT_STEPS, seed=seed
-    )
-    no_tool = demo_rows("calculator", tok, n=1024, seed=100 + seed, script=direct)
+    golden = demo_rows("calculator", tok, n=DEMOS, seed=100 + seed)
+    start = sft(root, base, golden, "sft", steps=SFT_STEPS, seed=seed)
+    no_tool = demo_rows("calculator", tok, n=DEMOS, seed=100 + seed, script=direct)
     baseline = sft(root, base, no_tool, "sft_no_tool", steps=SFT_STEPS, seed=seed)
-    rl = grpo(root, golden, "calculator", CALC, steps=RL_STEPS, seed=seed, lr=RL_LR)
+    rl = grpo(root, start, "calculator", CALC, steps=RL_STEPS, seed=seed, lr=RL_LR)
     out = {name: held_out_success(path, "calculator", CALC)[0] for name, path in
-           [("sft", golden), ("no_tool", baseline), ("grpo", rl.final)]}  # fmt: skip
+           [("sft", start), ("no_tool", baseline), ("grpo", rl.final)]}  # fmt: skip
     out["hack_frac"] = max(m.get("agent/hack_frac", 0.0) for m in read_metrics(rl.run_dir))
     return out
 
 
-SQL = {"max_turns": 3, "max_new_tokens": 96, "max_tool_tokens": 48}
-
-
 def sql_seed(root, seed: int) -> dict:
     """Held-out success of SFT on sql's golden demos and of GRPO from it; the largest hack share of any
-    GRPO step and of the held-out episodes."""
+    GRPO step, and the held-out episodes with a hack attempt."""
     base = build_tiny(root / "base", seed=seed)
     start = sft(
         root,
         base,
-        demo_rows("sql", build_tokenizer(), n=1024, seed=100 + seed),
+        demo_rows("sql", build_tokenizer(), n=DEMOS, seed=100 + seed),
         "sft",
         steps=SFT_STEPS,
         seed=seed,
@@ -214,3 +222,19 @@ def sql_seed(root, seed: int) -> dict:
         "hack_frac": max(hacks),
         "held_out_hacks": sum("hack.attempt" in e.events for e in episodes),
     }
+
+
+@pytest.mark.skip(reason=UNMEASURED)
+def test_calculator_grpo_beats_the_sft_start_and_the_no_tool_baseline(tmp_path):
+    runs = [calculator_seed(tmp_path / f"seed{s}", s) for s in (0, 1, 2)]
+    gains = [r["grpo"] - r["sft"] for r in runs]
+    assert min(gains) > 0 and statistics.mean(gains) >= 0.1
+    assert all(r["grpo"] >= r["no_tool"] + 0.2 for r in runs)
+    assert max(r["hack_frac"] for r in runs) == 0
+
+
+@pytest.mark.skip(reason=UNMEASURED)
+def test_sql_held_out_success_rises_and_hack_labels_stay_zero(tmp_path):
+    runs = [sql_seed(tmp_path / f"seed{s}", s) for s in (0, 1, 2)]
+    assert statistics.mean(r["grpo"] for r in runs) > statistics.mean(r["sft"] for r in runs)
+    assert all(r["hack_frac"] == 0 and r["held_out_hacks"] == 0 for r in runs)

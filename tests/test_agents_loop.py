@@ -371,8 +371,8 @@ def test_ppo_on_episodes_puts_advantages_on_policy_tokens_only(tmp_path):
     model = PolicyWithValue(build_model(TOK, num_hidden_layers=1, seed=0))
     torch.nn.init.normal_(model.value_head.weight, std=0.1)  # values that differ per token
     buffer = src.generate_scored(src.engine).buffer
-    src.algo.annotate(src, model, buffer)
-    src.algo.advantages(src, buffer)
+    src.annotate(model, buffer)
+    src.add_advantages(buffer)
     adv, returns, mask = buffer.token["advantages"], buffer.token["returns"], buffer.completion_mask()
     assert (adv[~mask] == 0).all() and (returns[~mask] == 0).all()
     assert (adv[mask] != 0).all()

@@ -261,6 +261,33 @@ class RolloutConfig(Section):
     )
     samples_log: bool = Field(True, description="Write every sample with its rewards to samples.jsonl.")
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, lt=1)
+    dtype: Literal["same", "float32", "bfloat16", "float16"] = Field(
+        "same",
+        description="HF engine: sample with a copy of the policy in this dtype (e.g. bfloat16 while training "
+        "in fp32, as a fast sampler would); its log-probs then differ from the trainer's, which recomputes "
+        "them. The mismatch is logged (mismatch/*) every step.",
+    )
+    is_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        Field(
+            "none",
+            description="Correct the sampler/trainer mismatch with truncated or masked importance weights, per "
+            "token or per sequence (losses.importance_weights).",
+        )
+    )
+    is_clip_min: float | None = Field(None, ge=0, description="Lower bound of the correction's weights.")
+    is_clip_max: float = Field(
+        2.0,
+        gt=1,
+        description="Upper bound of the correction's weights; also the mismatch/share_past_bound bound.",
+    )
+
+    @model_validator(mode="after")
+    def _check_dtype(self):
+        if self.dtype != "same" and self.engine == "vllm":
+            raise ValueError("rollout.dtype applies to the HF engine (vLLM samples in its own precision)")
+        if self.dtype != "same" and self.max_policy_lag > 0:
+            raise ValueError("rollout.dtype needs rollout.max_policy_lag: 0 (synchronous generation)")
+        return self
 
 
 class RLOptions(Section):
@@ -438,6 +465,9 @@ RL_PRESETS: dict[str, dict] = {
         "advantage": "group", "scale": "std", "aggregation": "seq_mean_token_mean", "importance_level": "sequence",
         "clip_low": 3e-4, "clip_high": 4e-4,
     },
+    # On-policy distillation (algorithms/distill.py): the student samples, the teacher scores; the `distill`
+    # section. A verifiable reward, if mixed in, uses group advantages.
+    "distill": {"advantage": "group", "scale": "std", "aggregation": "token_mean"},
     # Ahmadian et al. 2024: leave-one-out baseline.
     "rloo": {"advantage": "rloo", "aggregation": "token_mean"},
     # Hu 2025: batch-normalised advantages, token KL in the reward.
@@ -446,7 +476,7 @@ RL_PRESETS: dict[str, dict] = {
     "ppo": {"kl_in_reward": True, "kl_coef": 0.05, "epochs": 2, "minibatches": 2},
 }  # fmt: skip
 ONLINE = tuple(RL_PRESETS)
-GROUP_RL = tuple(a for a in ONLINE if a != "ppo")
+GROUP_RL = tuple(a for a in ONLINE if a not in ("ppo", "distill"))
 # Online defaults of the loop: Adam's beta2 0.999 reacts too slowly to the sudden gradient-scale changes of
 # RL and can collapse the policy (seen with TRL's defaults on the bundled task); 0.99 and a constant lr.
 ONLINE_TRAIN_DEFAULTS = {"betas": (0.9, 0.99), "schedule": "constant"}
@@ -556,6 +586,32 @@ class OnlineRun(RolloutRun):
     rl: GroupRLOptions = GroupRLOptions()
 
 
+class DistillOptions(Section):
+    """On-policy distillation (section `distill`): the student samples, the teacher scores the same tokens."""
+
+    teacher: str = Field(description="Teacher causal LM (a path or hub name); same tokenizer as the student.")
+    loss: Literal["reverse_kl", "jsd"] = Field(
+        "reverse_kl",
+        description="reverse_kl: per-token log π_teacher − log π_student of the sampled tokens as the "
+        "advantage (on-policy reverse KL); jsd: GKD's generalised Jensen-Shannon divergence over the full "
+        "next-token distributions, with `beta`.",
+    )
+    beta: float = Field(
+        1.0, ge=0, le=1, description="jsd: 0 forward KL(teacher ‖ student), 1 reverse KL, between: the JSD."
+    )
+    reward_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the verifiable reward's policy gradient mixed into the loss (rl.rewards).",
+    )
+
+
+class DistillRun(RolloutRun):
+    algorithm: Literal["distill"]
+    rl: GroupRLOptions = GroupRLOptions()
+    distill: DistillOptions
+
+
 class PPORun(RolloutRun):
     algorithm: Literal["ppo"]
     rl: RLOptions = RLOptions()
@@ -569,6 +625,7 @@ RUN_TYPES: dict[str, type[RunConfig]] = {
     **dict.fromkeys(PREFERENCE_PRESETS, PreferenceRun),
     **dict.fromkeys(GROUP_RL, OnlineRun),
     "ppo": PPORun,
+    "distill": DistillRun,
 }
 # The sections an algorithm reads besides the common ones, from its run type.
 OWN_SECTIONS: dict[str, tuple[str, ...]] = {

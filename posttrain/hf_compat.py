@@ -73,3 +73,19 @@ def is_activation_checkpointing(model) -> bool:
         if hasattr(type(net), flag) or hasattr(net, flag):
             return bool(getattr(net, flag))
     return False
+
+
+def output_layer(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight [V, H], bias [V] or None) of the causal LM's output layer when the logits are exactly
+    `hidden @ weight.T + bias` of the last hidden states, else None (a LoRA-wrapped or otherwise custom
+    head, logit soft-capping, a logit scale): callers then use the model's own logits."""
+    net = core_model(model)
+    head = net.get_output_embeddings() if callable(getattr(net, "get_output_embeddings", None)) else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    config = getattr(net, "config", None)
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(text, name, None) not in (None, 1, 1.0):
+            return None
+    return head.weight, head.bias

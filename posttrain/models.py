@@ -8,7 +8,8 @@ import torch
 
 from posttrain.config import LoraConfig, ModelConfig
 from posttrain.errors import ConfigError
-from posttrain.hf_compat import enable_activation_checkpointing
+from posttrain.hf_compat import enable_activation_checkpointing, output_layer
+from posttrain.logprobs import HiddenHead
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -140,3 +141,24 @@ def forward_logits(model, batch: dict) -> torch.Tensor:
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
     return model(**kwargs).logits
+
+
+def forward_head(model, batch: dict):
+    """`HiddenHead` (last hidden states [R, L, H] and the output layer) of a collated batch where the model's
+    logits are a plain linear layer of them, else its logits [R, L, V] (`forward_logits`). Either goes to
+    `logprobs.token_stats`; the first never builds the [R, L, V] logits (the model is asked to keep the
+    logits of no position)."""
+    layer = output_layer(model)
+    if layer is None:
+        return forward_logits(model, batch)
+    kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if "attention_mask" in batch:
+        kwargs["attention_mask"] = batch["attention_mask"]
+    none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    try:
+        out = model(**kwargs, logits_to_keep=none, output_hidden_states=True)
+    except TypeError as e:  # a model without logits_to_keep
+        if "logits_to_keep" not in str(e):
+            raise
+        return forward_logits(model, batch)
+    return HiddenHead(out.hidden_states[-1], *layer)

@@ -301,6 +301,13 @@ def make_engine(cfg: RunConfig, model, tokenizer, accelerator):
         from posttrain.rollout.vllm import VLLMEngine
 
         return VLLMEngine(cfg, model, tokenizer, accelerator)
+    if (
+        cfg.rollout.dtype != "same"
+    ):  # a sampler copy in another precision: its log-probs are not the trainer's
+        engine = HFEngine.copy_of(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
+        engine.model.to(getattr(torch, cfg.rollout.dtype))
+        engine.exact_logprobs = False
+        return engine
     return HFEngine(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
 
 

@@ -284,6 +284,7 @@ def test_resolve_built_ins_and_options():
         "format_regex",
         "length_penalty",
         "overlong_penalty",
+        "success_gated_length_penalty",
         "reward_model",
         "judge",
     }

@@ -61,6 +61,7 @@ ONLINE = {
         ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp"), "posttrain.algorithms.grpo"
     ),
     "ppo": "posttrain.algorithms.ppo",
+    "distill": "posttrain.algorithms.distill",
 }
 
 

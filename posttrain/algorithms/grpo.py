@@ -27,12 +27,12 @@ from posttrain.advantages import (
     reinforce_pp_advantages,
 )
 from posttrain.data.templates import IGNORE_INDEX
-from posttrain.logprobs import entropy, token_logprobs
+from posttrain.logprobs import token_stats
 from posttrain.losses import loss_units, policy_loss_sum
 from posttrain.rollout.buffer import Rollout, tempered_forward
 
 KIND = "prompt"  # the row schema online algorithms read
-forward = tempered_forward  # the policy is a plain language model: tempered completion logits
+forward = tempered_forward  # the policy is a plain language model: its tempered completion distribution
 
 
 def advantages(rollout: Rollout, cfg, kl_coef: float) -> dict[str, torch.Tensor]:
@@ -70,11 +70,10 @@ class Objective:
         return loss_units(self.mask(batch), self.rl.aggregation)
 
     def loss(self, model, batch: dict):
-        logits, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts)
+        head, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts)
         mask = self.mask(batch)
-        logps = token_logprobs(logits, batch["targets"])
-        with torch.no_grad():
-            entropies = entropy(logits.detach())
+        stats = token_stats(head, batch["targets"], with_entropy=True)
+        logps, entropies = stats.logps, stats.entropy.detach()  # the entropy is a metric and a token mask
         adv = batch["advantages"]
         if adv.dim() == 1:
             adv = adv[:, None].expand_as(logps)

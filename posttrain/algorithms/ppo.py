@@ -21,11 +21,11 @@ from torch import nn
 
 from posttrain.advantages import gae, kl_penalty, whiten
 from posttrain.data.templates import IGNORE_INDEX
-from posttrain.logprobs import entropy, token_logprobs
+from posttrain.logprobs import token_stats
 from posttrain.losses import loss_units, policy_loss_sum, value_loss_sum
 from posttrain.models import load_model as load_causal_lm
 from posttrain.models import save_final as save_causal_lm
-from posttrain.rollout.buffer import Rollout, completion_forward
+from posttrain.rollout.buffer import Rollout, completion_head
 
 VALUES = True  # the trained module has a critic: the rollout source records its values at rollout time
 
@@ -43,12 +43,11 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, batch: dict, share_prompts: bool = True):
-        """Logits [N, C, V] and values [N, C] at the positions that predict each completion token (the
-        rollout layout): V(s_t) sits where the policy acts."""
-        logits, hidden = completion_forward(
-            self.policy, batch, share_prompts=share_prompts, hidden=self.critic is None
-        )
+    def forward(self, batch: dict, share_prompts: bool = True, temperature: float = 1.0):
+        """The policy's distribution (`logprobs.HiddenHead` or logits / temperature [N, C, V]) and values
+        [N, C] at the positions that predict each completion token (the rollout layout): V(s_t) sits where
+        the policy acts."""
+        logits, hidden = completion_head(self.policy, batch, temperature, share_prompts=share_prompts)
         if self.critic is None:
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         else:
@@ -88,8 +87,7 @@ def save_final(model: PolicyWithValue, tokenizer, out) -> None:
 
 
 def forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
-    logits, values = model(batch, share_prompts)
-    return (logits / temperature if temperature != 1.0 else logits), values
+    return model(batch, share_prompts, temperature)
 
 
 def advantages(rollout: Rollout, cfg, kl_coef: float) -> dict[str, torch.Tensor]:
@@ -128,7 +126,8 @@ class Objective:
             model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts
         )
         mask = self.mask(batch)
-        logps = token_logprobs(logits, batch["targets"])
+        stats = token_stats(logits, batch["targets"], with_entropy=True)
+        logps = stats.logps
         loss, _, metrics = policy_loss_sum(
             logps,
             batch["old_logps"],
@@ -138,12 +137,13 @@ class Objective:
             clip_high=self.rl.clip_high,
             aggregation="token_mean",
             dual_clip=self.rl.dual_clip,
+            is_weights=batch.get("is_weights"),
         )
         v_loss, _, v_metrics = value_loss_sum(
             values.float(), batch["old_values"], batch["returns"], mask, clip=self.ppo.value_clip
         )
         with torch.no_grad():
-            metrics["entropy"] = torch.where(mask, entropy(logits.detach()), 0.0).sum()
+            metrics["entropy"] = torch.where(mask, stats.entropy.detach(), 0.0).sum()
             metrics["value_loss"] = v_loss.detach()
             metrics["value_clip_fraction"] = v_metrics["clip_fraction"]
             metrics["value_mean"] = torch.where(mask, values.detach().float(), 0.0).sum()

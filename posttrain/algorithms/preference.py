@@ -2,7 +2,7 @@
 
 A batch of P pairs goes through the model in ONE forward: the 2P sequences (chosen first,
 then rejected) are packed or padded together by `collate`, and per-sequence log-probability
-sums come out of one `token_logprobs` call. The loss is `preference_loss(kind, ...)`, summed
+sums come out of one `token_stats` call. The loss is `preference_loss(kind, ...)`, summed
 over pairs; the loop divides by the number of pairs in the global batch.
 
 Reference log-probs are computed once, before the first step, with the model as loaded
@@ -21,9 +21,9 @@ import torch
 
 from posttrain.data.batching import collate as collate_examples
 from posttrain.data.templates import Example, encode_sft_row
-from posttrain.logprobs import sum_by_example, token_logprobs
+from posttrain.logprobs import sum_by_example, token_stats
 from posttrain.losses import REFERENCE_FREE_KINDS, preference_loss, preference_rewards
-from posttrain.models import forward_logits
+from posttrain.models import forward_head
 
 KIND = "preference"
 
@@ -93,8 +93,7 @@ def collate(pairs: list[Pair], **kw) -> dict:
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed completion log-probs [2P], completion lengths in tokens [2P]) in one forward."""
-    logits_RLV = forward_logits(model, batch)
-    logps_RL = token_logprobs(logits_RLV, batch["targets"])
+    logps_RL = token_stats(forward_head(model, batch), batch["targets"]).logps
     n = 2 * batch["num_pairs"]
     lengths = sum_by_example((batch["targets"] != -100).float(), batch["example_index"], n)
     return sum_by_example(logps_RL, batch["example_index"], n), lengths

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from posttrain.data.templates import encode_sft_row
-from posttrain.logprobs import token_logprobs
-from posttrain.models import forward_logits
+from posttrain.logprobs import token_stats
+from posttrain.models import forward_head
 
 KIND = "sft"  # the row schema this algorithm reads
 
@@ -34,9 +34,9 @@ class Objective:
         return int((batch["targets"] != -100).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits_RLV = forward_logits(model, batch)
         targets_RL = batch["targets"]
-        logps_RL = token_logprobs(logits_RLV, targets_RL)  # 0 where target is -100
+        stats = token_stats(forward_head(model, batch), targets_RL, with_argmax=True)
+        logps_RL = stats.logps  # 0 where target is -100
         mask_RL = targets_RL != -100
-        correct = ((logits_RLV.argmax(-1) == targets_RL) & mask_RL).sum()
+        correct = ((stats.argmax == targets_RL) & mask_RL).sum()
         return -logps_RL.sum(), {"token_accuracy": correct.float()}

@@ -73,7 +73,7 @@ FAMILY_KEYS = {
     "data": ("bundled", "files", "rows", "levels", "seed"),
     "eval": ("suite", "model", "against"),
 }  # fmt: skip
-ONLINE_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp", "ppo")
+ONLINE_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp", "ppo", "distill")
 
 
 # ------------------------------------------------------------------------------------ helpers

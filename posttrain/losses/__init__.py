@@ -5,16 +5,18 @@
 - `losses.policy`: token-level online losses on [B, T]: `policy_loss` / `policy_loss_sum` (PPO, GRPO, DAPO,
   Dr. GRPO, GSPO, LUSPO, CISPO, SAPO as options), with `loss_units`, the one place their denominators are
   counted; `losses.masks`: the token multipliers it takes (off-policy sequence mask, top-entropy tokens,
-  sampler-mismatch importance weights); `losses.value`: `value_loss` / `value_loss_sum` (PPO).
+  sampler-mismatch importance weights); `losses.distill`: GKD's generalised JSD; `losses.value`: `value_loss` / `value_loss_sum` (PPO).
 
 The names DESIGN.md lists as stable are importable from here: `from posttrain.losses import preference_loss`.
 """
 
+from posttrain.losses.distill import generalized_jsd
 from posttrain.losses.masks import (
     IS_MODES,
     entropy_threshold,
     high_entropy_mask,
     importance_weights,
+    mismatch_stats,
     off_policy_mask,
 )
 from posttrain.losses.policy import (
@@ -43,8 +45,10 @@ __all__ = [
     "POLICY_AGGREGATIONS",
     "POLICY_KINDS",
     "entropy_threshold",
+    "generalized_jsd",
     "high_entropy_mask",
     "importance_weights",
+    "mismatch_stats",
     "off_policy_mask",
     "PREFERENCE_KINDS",
     "REFERENCE_FREE_KINDS",

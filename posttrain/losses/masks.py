@@ -4,7 +4,8 @@
   policy has drifted far from).
 - `entropy_threshold` / `high_entropy_mask`: "Beyond the 80/20 rule" top-entropy token selection.
 - `importance_weights`: truncated or masked importance sampling (TIS / MIS) against a sampler whose
-  log-probs differ from the trainer's (vLLM, another dtype), at token or sequence level.
+  log-probs differ from the trainer's (vLLM, another dtype), at token or sequence level; `mismatch_stats`
+  measures that difference.
 
 Each returns a detached multiplier of the per-token loss. The loss keeps its denominators (`loss_units`):
 a dropped token adds 0 but still counts, as in TRL, so micro-batch sums stay exact.
@@ -21,6 +22,7 @@ from posttrain.errors import unknown
 
 __all__ = [
     "IS_MODES",
+    "mismatch_stats",
     "entropy_threshold",
     "high_entropy_mask",
     "importance_weights",
@@ -149,3 +151,38 @@ def importance_weights(
     low = -math.inf if clip_min is None else clip_min
     high = math.inf if clip_max is None else clip_max
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+@torch.no_grad()
+def mismatch_stats(trainer_logps: Tensor, sampler_logps: Tensor, mask: Tensor, *, bound: float = 2.0) -> dict:
+    """How far the sampler's log-probs are from the trainer's on the sampled tokens (floats, for the log).
+
+    With r_t = π_trainer(y_t) / π_sampler(y_t) over the valid tokens:
+
+        mismatch/kl                 mean of (r − 1) − log r: the k3 estimate of KL(π_sampler ‖ π_trainer)
+                                    from the sampler's own samples (≥ 0, exactly 0 when the numbers agree)
+        mismatch/logp_diff_max      max |log π_trainer − log π_sampler|
+        mismatch/ratio_p05, _p50, _p95, mismatch/ratio_min, _max    quantiles of r
+        mismatch/share_past_bound   share of tokens with r > bound or r < 1 / bound
+
+    NaN log-probs (a token the sampler could not score) are left out. No valid token: every value 0.
+    """
+    if bound <= 1:
+        raise ValueError(f"mismatch bound must be > 1, got {bound}")
+    diff = (trainer_logps.float() - sampler_logps.float())[mask.bool()]
+    diff = diff[~torch.isnan(diff)]
+    names = ("kl", "logp_diff_max", "ratio_p05", "ratio_p50", "ratio_p95", "ratio_min", "ratio_max")
+    if diff.numel() == 0:
+        return {f"mismatch/{n}": 0.0 for n in (*names, "share_past_bound")}
+    ratio = torch.exp(diff)
+    q = torch.quantile(ratio, torch.tensor([0.05, 0.5, 0.95], device=ratio.device)).tolist()
+    values = [
+        float(((ratio - 1) - diff).mean()),
+        float(diff.abs().max()),
+        *q,
+        float(ratio.min()),
+        float(ratio.max()),
+    ]
+    out = {f"mismatch/{n}": v for n, v in zip(names, values)}
+    out["mismatch/share_past_bound"] = float(((ratio > bound) | (ratio < 1 / bound)).float().mean())
+    return out

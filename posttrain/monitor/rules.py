@@ -493,7 +493,9 @@ def default_rules(kind: Literal["online", "offline"] = "online") -> list[Rule]:
     rising 0.1 above its best (overfitting). online (PPO, GRPO family): every rule, defaults
     as in each class (reward hacking compares ``reward/mean`` with ``eval/pass@1``), plus
     "truncation" (over half the completions hit the length budget), "no_signal" (over 90%
-    of groups have all-equal rewards), and for agent runs "agent_hack" (any hack attempt),
+    of groups have all-equal rewards), "sampler_mismatch" (the sampler's log-probs are more than
+    0.01 nats of KL from the trainer's: set `rollout.is_correction` or sample in the training precision),
+    and for agent runs "agent_hack" (any hack attempt),
     "agent_infra" (over 5% of episodes failed by infrastructure) and "agent_drift" (any drift).
     """
     if kind == "offline":
@@ -516,6 +518,7 @@ def default_rules(kind: Literal["online", "offline"] = "online") -> list[Rule]:
             Threshold(name="agent_hack", metric="agent/hack_frac", above=0.0),
             Threshold(name="agent_infra", metric="agent/infra_frac", above=0.05),
             Threshold(name="agent_drift", metric="agent/drift_frac", above=0.0),
+            Threshold(name="sampler_mismatch", metric="mismatch/kl", above=0.01),
         ]
     raise ValueError(f"default_rules: kind must be 'online' or 'offline' (got {kind!r})")
 

@@ -18,6 +18,7 @@ from posttrain.rewards.basic import (
     format_regex,
     length_penalty,
     overlong_penalty,
+    success_gated_length_penalty,
 )
 from posttrain.rewards.code import code_tests, extract_code
 from posttrain.rewards.combine import (
@@ -50,6 +51,7 @@ __all__ = [
     "math_answer",
     "math_equal",
     "overlong_penalty",
+    "success_gated_length_penalty",
     "resolve",
     "reward_model",
     "run_many",

@@ -1,4 +1,4 @@
-"""Small reward fns: exact match, a format regex, and length penalties.
+"""Small reward fns: exact match, a format regex, and length penalties (plain, overlong, success-gated).
 
 Every reward fn has one signature, ``fn(prompts, completions, **row_fields) -> list[float]``, with
 row fields as lists aligned with ``completions`` (``answer=[...]``). A fn takes the fields it
@@ -128,3 +128,42 @@ def overlong_penalty(max_length: int, cache: int) -> RewardFn:
 
     overlong_reward.__name__ = "overlong_penalty"
     return overlong_reward
+
+
+def success_gated_length_penalty(
+    gate: RewardFn, max_length: int, *, coef: float = 0.1, threshold: float = 1.0
+) -> RewardFn:
+    """A length penalty on correct samples only: ``-coef * min(L, max_length) / max_length`` where the
+    ``gate`` reward fn scores the sample at or above ``threshold``, else 0.
+
+    Penalising the length of every sample teaches the policy to fail fast: a short wrong answer then
+    beats a long attempt, and on hard prompts the cheapest reward is to give up (prime-rl's finding when it
+    gated its length shaping on correctness, PrimeIntellect-ai/prime-rl#3376; Kimi k1.5, arXiv:2501.12599,
+    §2.3.3, also keeps incorrect samples from gaining by brevity). Gated, the penalty only orders the
+    correct answers by length, so among successes the shorter one wins. Choose ``coef`` below the gap
+    between a correct and a wrong sample's reward (0.1 against a 0/1 correctness reward) so that a long
+    correct answer still beats any wrong one.
+
+    Args:
+        gate: the correctness reward fn (e.g. ``math_answer``), called with the same arguments.
+        max_length: the length at which the penalty reaches ``-coef`` (the generation limit); tokens when
+            the rollout passes ``completion_lengths``, else characters.
+        coef: the penalty's size, ≥ 0.
+        threshold: the gate score that counts as correct.
+    """
+    if max_length <= 0:
+        raise ValueError(f"success_gated_length_penalty: max_length must be positive, got {max_length}")
+    if coef < 0:
+        raise ValueError(f"success_gated_length_penalty: coef must be >= 0, got {coef}")
+
+    def gated_length_reward(prompts, completions, completion_lengths=None, **row_fields) -> list[float]:
+        passed = gate(prompts, completions, completion_lengths=completion_lengths, **row_fields)
+        _check_aligned("gate scores", passed, completions)
+        lengths = _lengths(completions, completion_lengths)
+        return [
+            -coef * min(n, max_length) / max_length if float(p) >= threshold else 0.0
+            for n, p in zip(lengths, passed)
+        ]
+
+    gated_length_reward.__name__ = "success_gated_length_penalty"
+    return gated_length_reward

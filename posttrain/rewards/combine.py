@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.errors import RewardError
-from posttrain.rewards.basic import RewardFn, exact_match, format_regex, length_penalty, overlong_penalty
+from posttrain.rewards.basic import (
+    RewardFn,
+    exact_match,
+    format_regex,
+    length_penalty,
+    overlong_penalty,
+    success_gated_length_penalty,
+)
 from posttrain.rewards.code import code_tests
 from posttrain.rewards.judge import judge
 from posttrain.rewards.math import math_answer
@@ -48,6 +55,9 @@ REWARD_FACTORIES: dict[str, Callable[..., RewardFn]] = {
     "format_regex": format_regex,
     "length_penalty": length_penalty,
     "overlong_penalty": overlong_penalty,
+    "success_gated_length_penalty": lambda gate, max_length, *, coef=0.1, threshold=1.0: (
+        success_gated_length_penalty(resolve(gate), max_length, coef=coef, threshold=threshold)
+    ),  # {name: success_gated_length_penalty, gate: math_answer, max_length: 256}: the gate is a spec
     "reward_model": reward_model,
     "judge": judge,  # an LLM judge's pointwise score in [0, 1]
 }

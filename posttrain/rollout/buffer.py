@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from posttrain.data.templates import IGNORE_INDEX
-from posttrain.hf_compat import cache_inputs, is_activation_checkpointing, output_cache
+from posttrain.hf_compat import cache_inputs, is_activation_checkpointing, output_cache, output_layer
+from posttrain.logprobs import HiddenHead
 from posttrain.rollout.engine import Completion, forward_last
 
 
@@ -168,9 +169,13 @@ class RolloutBuffer:
                 f.write(json.dumps(record) + "\n")
 
 
-def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden: bool = False):
+def completion_forward(
+    model, batch: dict, *, share_prompts: bool = True, hidden: bool = False, logits: bool = True
+):
     """Logits [N, C, V] predicting each completion token of `batch` (the layout above), and with
-    `hidden` the last hidden states [N, C, H] at the same positions (else None).
+    `hidden` the last hidden states [N, C, H] at the same positions (else None). With `logits=False` the
+    model keeps the logits of no position and the logits come back as None (the hidden states are then
+    returned): `completion_head` turns them into log-probs without a [N, C, V] tensor.
 
     With `share_prompts` and fewer distinct prompts than samples, each prompt is run once
     (`prefix_rows`), its key / value cache gathered to its samples (`prefix_index`), and the
@@ -188,32 +193,46 @@ def completion_forward(model, batch: dict, *, share_prompts: bool = True, hidden
         and C > 0
         and not is_activation_checkpointing(model)  # HF drops the cache under activation checkpointing
     )
+    hidden = hidden or not logits
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)  # logits_to_keep: no position
     if not shared:
         out = forward_last(
-            model, C + 1, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+            model, C + 1 if logits else none, input_ids=input_ids, attention_mask=mask, position_ids=positions,
             use_cache=False, output_hidden_states=hidden,
         )  # fmt: skip
         last = out.hidden_states[-1][:, P - 1 : P - 1 + C] if hidden else None
-        return out.logits[:, -(C + 1) : -1], last
+        return (out.logits[:, -(C + 1) : -1] if logits else None), last
     head = forward_last(
-        model, 1, input_ids=input_ids[rows, :P], attention_mask=mask[rows, :P],
+        model, 1 if logits else none, input_ids=input_ids[rows, :P], attention_mask=mask[rows, :P],
         position_ids=positions[rows, :P], use_cache=True, output_hidden_states=hidden,
     )  # fmt: skip
     cache = output_cache(head)
     gather = _row_gather(index)
     _gather_cache(cache, index, gather)
-    first = gather(head.logits[:, -1:])  # [N, 1, V]: predicts completion token 0
+    first = gather(head.logits[:, -1:]) if logits else None  # [N, 1, V]: predicts completion token 0
     if C == 1:
         return first, gather(head.hidden_states[-1][:, P - 1 :]) if hidden else None
     tail = model(
         input_ids=input_ids[:, P : P + C - 1], attention_mask=mask[:, : P + C - 1],
         position_ids=positions[:, P : P + C - 1], **cache_inputs(model, cache), use_cache=True,
-        output_hidden_states=hidden,
+        output_hidden_states=hidden, **({} if logits else {"logits_to_keep": none}),
     )  # fmt: skip
-    logits = torch.cat([first, tail.logits], 1)
+    out_logits = torch.cat([first, tail.logits], 1) if logits else None
     if not hidden:
-        return logits, None
-    return logits, torch.cat([gather(head.hidden_states[-1][:, P - 1 :]), tail.hidden_states[-1]], 1)
+        return out_logits, None
+    return out_logits, torch.cat([gather(head.hidden_states[-1][:, P - 1 :]), tail.hidden_states[-1]], 1)
+
+
+def completion_head(model, batch: dict, temperature: float = 1.0, *, share_prompts: bool = True):
+    """(`HiddenHead` or temperature-scaled logits [N, C, V], last hidden states [N, C, H]) of each completion
+    token: the hidden-state form where the model's output layer is a plain linear one (`hf_compat.
+    output_layer`), so `logprobs.token_stats` never builds the [N, C, V] logits; else the logits."""
+    layer = output_layer(model)
+    if layer is None:
+        logits, last = completion_forward(model, batch, share_prompts=share_prompts, hidden=True)
+        return (logits / temperature if temperature != 1.0 else logits), last
+    _, last = completion_forward(model, batch, share_prompts=share_prompts, logits=False)
+    return HiddenHead(last, *layer, temperature=temperature), last
 
 
 def _row_gather(index: Tensor):
@@ -244,7 +263,9 @@ def _gather_cache(cache, index: Tensor, gather) -> None:
 
 
 def tempered_forward(model, batch: dict, temperature: float, *, share_prompts: bool = True):
-    """(logits / temperature [N, C, V] of each completion token, None): the sampling distribution, the
-    forward of a plain language model (the policy of the GRPO family; a reference model)."""
-    logits, _ = completion_forward(model, batch, share_prompts=share_prompts)
-    return (logits / temperature if temperature != 1.0 else logits), None
+    """(the sampling distribution of each completion token, None): the forward of a plain language model
+    (the policy of the GRPO family; a reference model; a teacher). A `logprobs.HiddenHead` at `temperature`
+    (`completion_head`), or logits / temperature [N, C, V] for a model whose head is not a plain linear
+    layer; either goes to `logprobs.token_stats`."""
+    head, _ = completion_head(model, batch, temperature, share_prompts=share_prompts)
+    return head, None

@@ -93,8 +93,9 @@ def _filter_top_k_top_p(logits_BV: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits_BV
 
 
-def forward_last(model, keep: int, **inputs):
-    """`model(**inputs)` with logits for the last `keep` positions only where the model supports it
+def forward_last(model, keep, **inputs):
+    """`model(**inputs)` with logits for the last `keep` positions (an int; or a tensor of the positions, an
+    empty one for none) only where the model supports it
     (nearly all HF causal LMs): a prompt's logits would otherwise cost [rows, prompt, vocab] memory
     (16 prompts of 2,000 tokens at a 150k vocabulary: 19 GB in fp32)."""
     try:
@@ -103,7 +104,7 @@ def forward_last(model, keep: int, **inputs):
         if "logits_to_keep" not in str(e):
             raise
         out = model(**inputs)
-        out.logits = out.logits[:, -keep:]
+        out.logits = out.logits[:, keep] if isinstance(keep, torch.Tensor) else out.logits[:, -keep:]
         return out
 
 

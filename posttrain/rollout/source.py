@@ -34,6 +34,7 @@ from posttrain.errors import ConfigError, RewardError, TrainingError, disk_full
 from posttrain.rollout.buffer import RolloutBuffer, tempered_forward
 from posttrain.rollout.engine import Completion, HFEngine, Sampling
 from posttrain.rollout.lagged import Producer
+from posttrain.rollout.mismatch import annotate_mismatch
 
 
 @dataclass
@@ -95,6 +96,7 @@ class RolloutSource:
         self.reference, self.samples_path = reference, samples_path
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self._weights_stale = False
+        self.mismatch: dict[str, float] = {}  # the last rollout's sampler mismatch (annotate)
         if self.ro.max_policy_lag > 0 and not isinstance(engine, HFEngine):
             raise ConfigError(
                 "rollout.max_policy_lag > 0 (asynchronous generation) needs the HF engine (rollout.engine: hf); "
@@ -339,7 +341,12 @@ class RolloutSource:
         buffer = generated.buffer
         self.annotate(net, buffer)
         self.add_advantages(buffer)
-        metrics = {**generated.metrics, **self._metrics(buffer), "policy_lag": self.rollouts - version}
+        metrics = {
+            **generated.metrics,
+            **self._metrics(buffer),
+            **self.mismatch,  # sampler / trainer mismatch (mismatch/*), from annotate
+            "policy_lag": self.rollouts - version,
+        }
         if "kl" in metrics:
             metrics["kl_coef"] = self.kl_coef
             self.kl_ctl.update(metrics["kl"], len(buffer) * self.world)
@@ -377,6 +384,7 @@ class RolloutSource:
         rollout time (`old_values`, when the algorithm has one) and the per-sample `loss_mask` (0 for a
         truncated completion with rl.mask_truncated)."""
         buffer.token["old_logps"] = self.old_logps(net, buffer)
+        self.mismatch = annotate_mismatch(self.ro, buffer)  # sampler_logps, is_weights; logged by _rollout
         if self.algo.values:
             buffer.token["old_values"] = self.forward_logps(net, buffer, values=True)["values"]
         if self.reference is not None:
@@ -402,7 +410,7 @@ class RolloutSource:
     def forward_logps(self, model, buffer: RolloutBuffer, *, values: bool = False) -> dict[str, torch.Tensor]:
         """Per-token log-probs (and values, when the model has a value head) of every sample under
         `model`, in micro-batches, without gradients, as [N, C] per-token tensors."""
-        from posttrain.logprobs import token_logprobs
+        from posttrain.logprobs import token_stats
 
         device = self.accelerator.device
         micro = self.cfg.train.micro_batch_size or len(buffer)
@@ -421,7 +429,7 @@ class RolloutSource:
                     model, batch, self.ro.temperature, share_prompts=self.rl.share_prompts
                 )
             w = batch["targets"].shape[1]
-            out["logps"][j : j + len(index), :w] = token_logprobs(logits, batch["targets"]).cpu()
+            out["logps"][j : j + len(index), :w] = token_stats(logits, batch["targets"]).logps.cpu()
             if values:
                 out["values"][j : j + len(index), :w] = value.float().cpu()
         model.train(was_training)

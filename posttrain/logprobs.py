@@ -43,7 +43,8 @@ def token_logprobs(
     """Log-probability of each target token under the logits.
 
     Args:
-        logits: [B, T, V], any float dtype. May be a non-contiguous view (e.g. `logits[:, :-1]`).
+        logits: [B, T, V], any float dtype. May be a non-contiguous view (e.g. `logits[:, :-1]`). Or a
+            `HiddenHead` (what a forward returns that kept the hidden states): then `head_logprobs`.
         targets: [B, T] token ids, already aligned: `logits[:, t]` predicts `targets[:, t]`.
         ignore_index: targets equal to this get log-probability 0.0 (and zero gradient).
         chunk_tokens: tokens upcast to fp32 at a time; bounds the extra memory to ~chunk_tokens * V floats.
@@ -52,6 +53,12 @@ def token_logprobs(
         logps_BT: [B, T] float32, `log_softmax(logits)[b, t, targets[b, t]]`, 0.0 where ignored.
         Differentiable with respect to `logits`.
     """
+    if isinstance(logits, HiddenHead):  # a forward that kept the hidden states instead of the logits
+        return (
+            token_stats(logits, targets).logps
+            if ignore_index == -100
+            else _head(logits, targets, ignore_index)
+        )
     if logits.shape[:2] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not align")
     return _TokenLogprobs.apply(logits, targets, ignore_index, chunk_tokens)
@@ -67,6 +74,9 @@ def entropy(logits: Tensor, *, chunk_tokens: int = 4096) -> Tensor:
     Returns:
         entropy_BT: [B, T] float32, `-(p * log p).sum(-1)` with `p = softmax(logits)`. Differentiable.
     """
+    if isinstance(logits, HiddenHead):
+        targets = torch.zeros(logits.hidden.shape[:2], dtype=torch.long, device=logits.hidden.device)
+        return token_stats(logits, targets, with_entropy=True).entropy
     return _Entropy.apply(logits, chunk_tokens)
 
 
@@ -178,6 +188,12 @@ def sum_by_example(values: Tensor, example_index: Tensor, num_examples: int) -> 
     keep = example_index >= 0
     out = torch.zeros(num_examples, dtype=torch.float32, device=values.device)
     return out.index_add(0, example_index[keep], values[keep].float())
+
+
+def _head(out: HiddenHead, targets: Tensor, ignore_index: int) -> Tensor:
+    return head_logprobs(
+        out.hidden, out.weight, targets, bias=out.bias, temperature=out.temperature, ignore_index=ignore_index
+    ).logps
 
 
 class HeadStats(NamedTuple):

@@ -20,8 +20,9 @@ record's fields and never probe the module.
 loss. The source generates, scores and annotates every rollout itself (sampling and reference log-probs,
 the loss mask, values when the algorithm has a critic); the algorithm only says:
 
-    forward(model, batch, temperature, *, share_prompts) -> (logits / temperature [N, C, V], values [N, C]
-                               or None): the policy's distribution at each completion token (and V(s_t))
+    forward(model, batch, temperature, *, share_prompts) -> (logits / temperature [N, C, V] or a
+                               logprobs.HiddenHead, values [N, C] or None): the policy's distribution at each
+                               completion token (and V(s_t)); logprobs.token_stats / token_logprobs read both
     advantages(rollout, cfg, kl_coef) -> {name: tensor}     pure: rollout.buffer.Rollout's tensors in,
                                "advantages" ([N], or [N, C] per token) and anything else the loss reads
                                ("returns") out; checked against numbers by hand like advantages.py

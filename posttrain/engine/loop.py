@@ -440,12 +440,13 @@ def train_loop(
                     accelerator.print(f"step {state.step}: no checkpoint during a streak of non-finite steps")
                 else:
                     checkpoint.save(accelerator, ckpt_root, state.step, keep=cfg.keep_checkpoints)
+            saved = "no checkpoint (non-finite streak)" if state.nonfinite_streak else "checkpoint saved"
             if stop:
                 result.interrupted = signals.received or "signal"
-                accelerator.print(f"\nstopped at step {state.step}; checkpoint saved. Resume with --resume.")
+                accelerator.print(f"\nstopped at step {state.step}; {saved}. Resume with --resume.")
                 break
             if action == "stop":
-                accelerator.print(f"\n{result.interrupted}: stopped at step {state.step}; checkpoint saved.")
+                accelerator.print(f"\n{result.interrupted}: stopped at step {state.step}; {saved}.")
                 break
             if out_of_time:
                 accelerator.print(f"\ntrain.max_seconds ({cfg.max_seconds:g}) used at step {state.step}")

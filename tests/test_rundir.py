@@ -154,4 +154,6 @@ def test_cli_refusal_is_a_clear_error(task, tmp_path, capsys):
     assert time.time() - t0 < 5  # refused before any model or data was loaded
     assert main(["train", str(path), "--resume", "--overwrite"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    assert main(["train", str(path), "--allow-changed", "train.lr"]) == 2
+    assert "only used with --resume" in capsys.readouterr().err
     assert main(["train", str(path), "--overwrite"]) == 0

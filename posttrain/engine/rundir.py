@@ -157,6 +157,8 @@ def claim(
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if allow_changed and not resume:
+        raise ConfigError("--allow-changed is only used with --resume (it accepts changes to a resumed run)")
     path = run.path
     lock = Lock(path)
     try:

@@ -25,6 +25,8 @@ Metrics, from metrics.jsonl over the N measured steps:
                    optimiser; the rollout's own remainder (rewards, advantages, files) is "other".
     turns, env %   mean assistant turns per episode, share of environment tokens in the sequences.
     success        share of episodes done (graded passed, no failure label), a check that the work is real.
+    cpu s/step     this process's CPU seconds per step, start-up included: with --threads 1 on a machine
+                   other programs load, a better estimate of the idle s/step than the wall time.
 
 On a shared machine another program's load wrecks CPU timings; the benchmark records the cores other
 programs kept busy during the run (``_common.busy_cores`` before and after) and marks a disturbed row ``!``.
@@ -93,9 +95,9 @@ def measure(work: Path, size: str, start: Path, warmup: int, steps: int, threads
         "env.eval_tasks=0", f"env.budgets={json.dumps(BUDGETS)}",
     ]  # fmt: skip
     before = busy_cores()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     train(load_config(examples, overrides))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     after = busy_cores()
     rows = [m for m in read_metrics(out) if "step_s" in m][warmup:]
     total = sum(m["step_s"] for m in rows)
@@ -121,6 +123,9 @@ def measure(work: Path, size: str, start: Path, warmup: int, steps: int, threads
         "env_token_frac": statistics.mean(m["agent/env_token_frac"] for m in rows),
         "success": statistics.mean(m["agent/success"] for m in rows),
         "wall_s": wall,
+        # CPU seconds of this process per step (start-up included): on a machine other programs load, the
+        # better estimate of an idle machine's s/step with --threads 1
+        "cpu_s_per_step": cpu / (warmup + steps),
         "busy_cores_other": max(x for x in (before, after) if x is not None) if (before or after) else None,
     }
 
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
         start = Path(args.start) if args.start else start_model(work, size, args.threads)
         results.append(measure(work, size, start, args.warmup, args.steps, args.threads))
     head = f"{'size':<6} {'s/step':>7} {'episodes/s':>10} {'policy tok/s':>12} {'gen %':>6} {'tools %':>7} "
-    head += f"{'grade %':>7} {'update %':>8} {'turns':>5} {'env %':>5} {'success':>7}"
+    head += f"{'grade %':>7} {'update %':>8} {'turns':>5} {'env %':>5} {'success':>7} {'cpu s/step':>10}"
     print(head)
     for r in results:
         mark = " !" if (r["busy_cores_other"] or 0) > 0.5 else ""
@@ -149,7 +154,7 @@ def main(argv=None) -> None:
             f"{r['size']:<6} {fmt(r['s_per_step'], '.2f'):>7} {fmt(r['episodes_per_s'], '.1f'):>10} "
             f"{fmt(r['policy_tokens_per_s'], '.0f'):>12} {100 * r['gen_share']:>6.0f} {100 * r['tools_share']:>7.1f} "
             f"{100 * r['grade_share']:>7.1f} {100 * r['update_share']:>8.0f} {r['turns']:>5.2f} "
-            f"{100 * r['env_token_frac']:>5.0f} {r['success']:>7.2f}{mark}"
+            f"{100 * r['env_token_frac']:>5.0f} {r['success']:>7.2f} {r['cpu_s_per_step']:>10.2f}{mark}"
         )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

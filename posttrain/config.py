@@ -22,7 +22,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError, unknown
-from posttrain.monitor.rules import MonitorConfig
+from posttrain.monitor.health import MonitorConfig
 from posttrain.sections import Section, explain
 
 
@@ -412,7 +412,8 @@ class PPOOptions(Section):
 
 class EnvConfig(Section):
     """An agent environment for online RL (section `env`, GRPO family and PPO): episodes of tool use in
-    place of single completions (posttrain.agents). Task rows come from `data.train` (jsonl of the
+    place of single completions (posttrain.agents). Its names (environment, tool format, budgets) are checked
+    by `posttrain.stage.load_stage`, above the agents layer that knows them. Task rows come from `data.train` (jsonl of the
     environment's task rows) or, when it is left empty, from the environment's own generator."""
 
     name: str = Field(description="A bundled environment (`posttrain env list`) or 'module:Class'.")
@@ -439,13 +440,6 @@ class EnvConfig(Section):
     weight: float = Field(
         1.0, description="Weight of the environment's grade in the reward (component 'env')."
     )
-
-    @model_validator(mode="after")
-    def _known(self) -> EnvConfig:
-        from posttrain.agents.config import check_env_config  # the agents layer knows its names
-
-        check_env_config(self)
-        return self
 
 
 RL_PRESETS: dict[str, dict] = {

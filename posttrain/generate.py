@@ -487,7 +487,7 @@ def write_dataset(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = write_jsonl(out_dir / "data.jsonl", rows)
-    from posttrain.audit.cards import data_card
+    from posttrain.audit.data_card import data_card
 
     data_card(
         path,

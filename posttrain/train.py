@@ -1,4 +1,5 @@
-"""Run one offline stage: rows -> examples -> the loop -> final/.
+"""Run one stage: offline (rows -> examples -> the loop -> final/) or online (prompts -> rollouts -> the
+loop -> final/); agent episodes are posttrain/train_env.py, what every stage shares posttrain/stage.py.
 
     result = posttrain.train("examples/sft.yaml", overrides=["train.max_steps=100"])
 
@@ -8,31 +9,19 @@ the loop shards every global batch over processes); only the main process writes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain import algorithms
-from posttrain.config import RunConfig, dump_config, load_config
+from posttrain.config import RunConfig, dump_config
 from posttrain.data.batching import packing_supported, plan_batches
 from posttrain.data.schemas import load_rows
 from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
-from posttrain.errors import ConfigError, DataError, RewardError, disk_full
+from posttrain.errors import ConfigError, DataError, RewardError
 from posttrain.models import count_parameters, load_model, load_tokenizer
+from posttrain.stage import StageResult, build_monitor, files, finish, load_stage, make_engine, sandbox_for
 
-
-@dataclass
-class StageResult:
-    run_dir: Path
-    final: Path | None  # None when the run was interrupted before the end
-    step: int
-    metrics: dict = field(default_factory=dict)
-    eval_metrics: dict = field(default_factory=dict)
-    interrupted: str | None = None
-
-
-def files(spec: str | list[str] | None) -> list[str]:
-    return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
+__all__ = ["StageResult", "train"]
 
 
 def encode_files(paths: list[str], algo, tokenizer, cfg: RunConfig, *, max_errors: int = 20) -> list:
@@ -82,16 +71,6 @@ def loop_data(examples: list, algo, cfg: RunConfig, pad_id: int, packing: bool) 
     return LoopData(plan=plan, collate=make, tokens=tokens, num_examples=len(examples), examples=examples)
 
 
-def build_monitor(cfg: RunConfig, run: Run, accelerator):
-    """The health monitor of the stage (None when disabled); only the main process writes alerts."""
-    main = accelerator.is_main_process
-    return cfg.monitor.build(
-        "online" if cfg.online else "offline",
-        alerts_path=run.path / "alerts.jsonl" if main else None,
-        echo=accelerator.print,
-    )
-
-
 def reference_models(cfg: RunConfig) -> list[str]:
     ref = cfg.dpo.ref_model if cfg.algorithm == "dpo" else None
     return [ref] if ref else []
@@ -121,27 +100,6 @@ def prepare(
             )
 
 
-def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult:
-    """final/ (main process) and the result in the manifest, unless the run was interrupted."""
-    final = None
-    if result.interrupted is None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            final = run.final
-            with disk_full(f"step {result.step}: writing the final model to {final}"):
-                algo.save_final(accelerator.unwrap_model(model), tokenizer, final)
-            run.update_manifest(result={"step": result.step, **result.metrics, **result.eval_metrics})
-        accelerator.wait_for_everyone()
-    return StageResult(
-        run_dir=run.path,
-        final=final,
-        step=result.step,
-        metrics=result.metrics,
-        eval_metrics=result.eval_metrics,
-        interrupted=result.interrupted,
-    )
-
-
 def train(
     config: RunConfig | str | Path | dict,
     *,
@@ -154,7 +112,7 @@ def train(
     last checkpoint; a change to a key that changes the result is refused unless named in
     `allow_changed`) or `overwrite` (delete it first); the directory is locked while the stage runs
     (engine/rundir.py)."""
-    cfg = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    cfg = load_stage(config, overrides)
     accelerator = make_accelerator(cfg.train.precision)
     run = Run(cfg.out, write=accelerator.is_main_process)
     run.claim(
@@ -286,31 +244,6 @@ def build_reward(specs: list, cfg: RunConfig, *, shaping: bool):
         raise ConfigError(f"rl.rewards: {e}") from None
 
 
-def make_engine(cfg: RunConfig, model, tokenizer, accelerator):
-    """The generation engine: vLLM when asked for (or 'auto' with vLLM and a GPU), else HF."""
-    import importlib.util
-
-    import torch
-
-    from posttrain.rollout.engine import HFEngine
-
-    kind = cfg.rollout.engine
-    if kind == "auto":
-        kind = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
-    if kind == "vllm":
-        from posttrain.rollout.vllm import VLLMEngine
-
-        return VLLMEngine(cfg, model, tokenizer, accelerator)
-    if (
-        cfg.rollout.dtype != "same"
-    ):  # a sampler copy in another precision: its log-probs are not the trainer's
-        engine = HFEngine.copy_of(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
-        engine.model.to(getattr(torch, cfg.rollout.dtype))
-        engine.exact_logprobs = False
-        return engine
-    return HFEngine(model, tokenizer, batch_size=cfg.rollout.generation_batch_size)
-
-
 def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, accelerator):
     """Greedy held-out evaluation inside training: mean reward and pass@1 (reward >= success_threshold).
     `encoded`: the rows' (texts, token ids) from `prompt_rows`."""
@@ -349,30 +282,6 @@ def online_evaluator(cfg: RunConfig, rows: list[dict], encoded, engine, reward, 
         }
 
     return evaluate
-
-
-def sandbox_for(cfg: RunConfig, run: Run) -> dict:
-    """The sandbox of this run's untrusted code (code rewards, agent tools): its backend, logged to
-    sandbox.jsonl in the run directory; the manifest records it. A weak backend is said out loud."""
-    from posttrain import sandbox
-
-    try:
-        info = sandbox.configure(cfg.sandbox.backend, log_dir=run.path, cgroup_parent=cfg.sandbox.cgroup)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    except sandbox.SandboxUnavailable as e:
-        specs = [*cfg.rl.rewards, *(cfg.rl.eval_rewards or [])]
-        if getattr(cfg, "env", None) is None and not any(_runs_code(spec) for spec in specs):
-            return {"backend": None, "reason": "no reward runs code"}
-        raise ConfigError(f"sandbox.backend: {e}") from None
-    if info["weak"]:
-        print("warning: sandbox.backend is `process`: untrusted code runs without OS-level isolation")
-    return info
-
-
-def _runs_code(spec) -> bool:
-    name = spec if isinstance(spec, str) else spec.get("name", "")
-    return "code" in str(name)
 
 
 def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) -> StageResult:

@@ -20,7 +20,7 @@ from posttrain.engine.loop import train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError
 from posttrain.models import count_parameters, load_model, load_tokenizer
-from posttrain.train import StageResult, build_monitor, files, finish, make_engine, sandbox_for
+from posttrain.stage import StageResult, build_monitor, files, finish, make_engine, sandbox_for
 
 
 def env_reward_fns(cfg: RunConfig, policy_token_budget: int):

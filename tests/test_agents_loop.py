@@ -21,7 +21,7 @@ from posttrain.config import load_config
 from posttrain.data.templates import IGNORE_INDEX, encode_sft_row
 from posttrain.engine.loop import make_accelerator
 from posttrain.errors import ConfigError, DataError
-from posttrain.monitor.rules import HealthMonitor, default_rules
+from posttrain.monitor import HealthMonitor, default_rules
 from posttrain.tasks.tiny import build_model, build_tokenizer
 from posttrain.train_env import env_reward_fns
 
@@ -248,8 +248,10 @@ def test_gradients_at_environment_tokens_are_zero_through_the_objective(tmp_path
     ],
 )
 def test_env_section_errors_are_config_errors_at_load(tmp_path, env, want):
+    from posttrain.stage import load_stage
+
     with pytest.raises(ConfigError, match="env") as e:
-        load_config({"algorithm": "grpo", "out": str(tmp_path), "model": {"path": "m"}, "env": env})
+        load_stage({"algorithm": "grpo", "out": str(tmp_path), "model": {"path": "m"}, "env": env})
     assert want in str(e.value)
 
 

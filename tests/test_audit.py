@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from posttrain.audit import data_card, eval_metrics, key_hyperparameters, lineage, model_card
-from posttrain.audit.cards import _num
 from posttrain.audit.hashes import sha256_file
+from posttrain.audit.model_card import _num
 from posttrain.cli import audit as audit_cli
 from posttrain.errors import ConfigError
 from posttrain.pipeline import run_pipeline

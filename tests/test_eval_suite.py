@@ -15,8 +15,9 @@ import pytest
 from posttrain.cli import main
 from posttrain.data.templates import encode_prompts
 from posttrain.errors import ConfigError, DataError
+from posttrain.eval.evaluate import evaluate, format_table, write_results
 from posttrain.eval.metrics import pass_at_k, refusal_rates
-from posttrain.eval.suite import bundled_suites, evaluate, format_table, load_suite, write_results
+from posttrain.eval.suite import bundled_suites, load_suite
 from posttrain.rollout.engine import Completion
 from posttrain.tasks.tiny import build_tiny, build_tokenizer
 

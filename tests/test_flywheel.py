@@ -9,10 +9,10 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.collect.ingest import send_to_review
-from posttrain.data.flywheel import HARMFUL, flywheel, prompt_hash
 from posttrain.data.io import Location
 from posttrain.data.pii import luhn_ok, scrub
 from posttrain.data.schemas import validate_rows
+from posttrain.flywheel import HARMFUL, flywheel, prompt_hash
 
 WORDS = (
     "apple river stone cloud garden engine paper violin marble candle forest window silver rocket basket "

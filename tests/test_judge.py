@@ -10,6 +10,7 @@ import pytest
 
 from posttrain.data.templates import encode_prompts
 from posttrain.errors import ConfigError, DataError
+from posttrain.eval.evaluate import evaluate
 from posttrain.eval.judge import (
     Judge,
     JudgeRewardFn,
@@ -21,7 +22,7 @@ from posttrain.eval.judge import (
     parse_verdict,
 )
 from posttrain.eval.metrics import cohen_kappa
-from posttrain.eval.suite import evaluate, load_suite
+from posttrain.eval.suite import load_suite
 from posttrain.rollout.engine import Completion
 from posttrain.tasks.tiny import build_tiny, build_tokenizer
 

@@ -14,7 +14,8 @@ from chatml import chatml_tokenizer, plain_tokenizer
 from posttrain.algorithms import preference
 from posttrain.config import load_config
 from posttrain.data.templates import encode_prompts, encode_sft_row, render_prompt
-from posttrain.eval.suite import evaluate, load_suite
+from posttrain.eval.evaluate import evaluate
+from posttrain.eval.suite import load_suite
 from posttrain.rewards.model import RewardModel
 from posttrain.rollout.engine import Completion
 from posttrain.train import prompt_rows

@@ -57,42 +57,53 @@ def advantages(rollout: Rollout, cfg, kl_coef: float) -> dict[str, torch.Tensor]
 
 
 class Objective:
-    """Clipped policy-gradient loss (+ KL loss). weight = the aggregation's units (tokens or sequences)."""
+    """The GRPO family's loss of one micro-batch, summed over its units (tokens for token_mean, sequences
+    for the seq_* aggregations; the loop divides once by the step's units):
+
+        policy_loss_sum(log pi(y_t), log pi_old(y_t), A, mask)     the clipped surrogate and its variants
+      + kl_coef * sum over units of KL_t(pi || pi_ref)              with rl.kl_coef > 0, not in the reward
+
+    Shapes: B samples of the micro-batch, T completion positions (the rollout buffer's C), V the vocabulary.
+    The metrics are unit sums too: entropy (nats per token), kl_to_ref (nats per token, the k1/k2/k3 estimate
+    of rl.kl_estimator)."""
 
     def __init__(self, cfg):
         self.cfg, self.rl = cfg, cfg.rl
         self.kl_loss = self.rl.kl_coef > 0 and not self.rl.kl_in_reward
 
     def mask(self, batch: dict) -> torch.Tensor:
+        """[B, T] the completion tokens of the samples kept in the loss."""
         return (batch["targets"] != IGNORE_INDEX) & (batch["loss_mask"][:, None] > 0)
 
     def weight(self, batch: dict) -> float:
         return loss_units(self.mask(batch), self.rl.aggregation)
 
     def loss(self, model, batch: dict):
-        head, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=self.rl.share_prompts)
-        mask = self.mask(batch)
+        rl = self.rl
+        head, _ = forward(model, batch, self.cfg.rollout.temperature, share_prompts=rl.share_prompts)
+        mask_BT = self.mask(batch)
         stats = token_stats(head, batch["targets"], with_entropy=True)
-        logps, entropies = stats.logps, stats.entropy.detach()  # the entropy is a metric and a token mask
-        adv = batch["advantages"]
-        if adv.dim() == 1:
-            adv = adv[:, None].expand_as(logps)
+        logps_BT, entropy_BT = stats.logps, stats.entropy.detach()  # the entropy is a metric and a token mask
+        adv = batch[
+            "advantages"
+        ]  # [B] per sample, or [B, T] per token (REINFORCE++ with the KL in the reward)
+        adv_BT = adv[:, None].expand_as(logps_BT) if adv.dim() == 1 else adv
         loss, _, metrics = policy_loss_sum(
-            logps,
+            logps_BT,
             batch["old_logps"],
-            adv,
-            mask,
+            adv_BT,
+            mask_BT,
             # Dr. GRPO's constant: the generation budget in policy tokens (an agent source's is per episode)
             max_len=int(batch["policy_token_budget"]),
-            entropies=entropies,
+            entropies=entropy_BT,
             behaviour_logps=batch.get("sampler_logps"),
             is_weights=batch.get("is_weights"),
-            **loss_options(self.rl),
+            **loss_options(rl),
         )
-        metrics["entropy"] = unit_sum(entropies, mask, self.rl.aggregation)
+        metrics["entropy"] = unit_sum(entropy_BT, mask_BT, rl.aggregation)
         if "ref_logps" in batch:
-            kl = kl_penalty(logps, batch["ref_logps"], estimator=self.rl.kl_estimator)
-            kl_sum = unit_sum(kl, mask, self.rl.aggregation)
+            kl_BT = kl_penalty(logps_BT, batch["ref_logps"], estimator=rl.kl_estimator)
+            kl_sum = unit_sum(kl_BT, mask_BT, rl.aggregation)
             metrics["kl_to_ref"] = kl_sum.detach()
             if self.kl_loss:
                 loss = loss + batch["kl_coef"] * kl_sum  # the source's coefficient (adaptive, rolled back)
@@ -109,10 +120,10 @@ def loss_options(rl) -> dict:
     return {name: getattr(rl, name) for name in names}
 
 
-def unit_sum(x_BT: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+def unit_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
     """Sum of per-token values over the aggregation's units: all tokens (token_mean) or, per sequence,
     the mean over its tokens (seq_*), so that dividing by `loss_units` gives the aggregated mean."""
-    x_BT = torch.where(mask, x_BT, 0.0)
+    x_BT = torch.where(mask_BT, x_BT, 0.0)
     if aggregation == "token_mean":
         return x_BT.sum()
-    return (x_BT.sum(1) / mask.sum(1).clamp(min=1)).sum()
+    return (x_BT.sum(1) / mask_BT.sum(1).clamp(min=1)).sum()

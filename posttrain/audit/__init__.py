@@ -11,8 +11,9 @@ posttrain lineage RUN_DIR [--json]
 
 from __future__ import annotations
 
-from posttrain.audit.cards import data_card, eval_metrics, key_hyperparameters, model_card
+from posttrain.audit.data_card import data_card
 from posttrain.audit.lineage import LineageNode, lineage
+from posttrain.audit.model_card import eval_metrics, key_hyperparameters, model_card
 
 __all__ = [
     "LineageNode",

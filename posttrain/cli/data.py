@@ -141,7 +141,7 @@ def _add_flywheel(dsub) -> None:
         description="Turn chat logs (OpenAI-style messages with thumbs, regenerations, edits, flags, consent) into "
         "training splits: consent filter, PII scrubbing, red-team routing, exact + near dedup, held-out eval "
         "prompts and a contamination check against them; a data card per split counts every removal. "
-        "See posttrain/data/flywheel.py for the row format.",
+        "See posttrain/flywheel.py for the row format.",
     )
     f.add_argument("logs", nargs="+", help="log files (jsonl, json, parquet)")
     f.add_argument(
@@ -168,7 +168,7 @@ def _flywheel(args) -> int:
     from pathlib import Path
 
     from posttrain.collect.ingest import send_to_review
-    from posttrain.data.flywheel import flywheel
+    from posttrain.flywheel import flywheel
 
     report = flywheel(
         args.logs,

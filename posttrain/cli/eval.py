@@ -122,7 +122,7 @@ def _eval_rm(args) -> int:
 
 def _eval_run(args) -> int:
     from posttrain.errors import ConfigError
-    from posttrain.eval.suite import format_table, run_suite
+    from posttrain.eval.evaluate import format_table, run_suite
 
     if args.baseline and not args.gates:
         raise ConfigError("--baseline is only used with --gates")

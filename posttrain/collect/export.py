@@ -270,7 +270,7 @@ def build_rows(
 def export(store: Store, fmt: str, out: str | Path, *, actor: str = "cli", **filters) -> dict:
     """Write the rows of ``fmt`` to ``out`` (jsonl), DATA_CARD.md and manifest.json beside it."""
     from posttrain import __version__
-    from posttrain.audit.cards import data_card
+    from posttrain.audit.data_card import data_card
     from posttrain.audit.hashes import hash_inputs, sha256_file
     from posttrain.data.io import write_jsonl
     from posttrain.engine.run import Run

@@ -142,7 +142,7 @@ def flywheel(
 ) -> dict:
     """Run the pipeline (module docstring); writes ``out/{sft,preference,kto,eval,redteam}/data.jsonl``
     each with DATA_CARD.md, plus ``out/report.json`` and ``out/uncertain.jsonl``; returns the report."""
-    from posttrain.audit.cards import data_card
+    from posttrain.audit.data_card import data_card
     from posttrain.data.quality import contamination, dedup, read_texts
     from posttrain.eval.metrics import is_refusal
 

@@ -71,8 +71,10 @@ def test_dump_roundtrip():
     assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 
-# stage configs; examples/pipeline.yaml is a pipeline (checked in test_pipeline.py)
-EXAMPLES = sorted(p for p in Path(__file__).parents[1].glob("examples/*.yaml") if p.name != "pipeline.yaml")
+# stage configs; examples/pipeline.yaml is a pipeline (checked in test_pipeline.py), examples/collect.yaml a
+# collect project's settings (test_collect_export.py inits a project from it)
+NOT_STAGES = ("pipeline.yaml", "collect.yaml")
+EXAMPLES = sorted(p for p in Path(__file__).parents[1].glob("examples/*.yaml") if p.name not in NOT_STAGES)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import posttrain.eval.suite
+import posttrain.eval.evaluate
 import posttrain.train
 from posttrain.cli import main
 from posttrain.errors import ConfigError
@@ -28,7 +28,7 @@ def test_eval_run_checks_gate_names_against_the_suite_before_generating(tmp_path
     def generate(*a, **k):
         raise AssertionError("generated before the gates were checked")
 
-    monkeypatch.setattr(posttrain.eval.suite, "run_suite", generate)
+    monkeypatch.setattr(posttrain.eval.evaluate, "run_suite", generate)
     gates = tmp_path / "gates.yaml"
     gates.write_text("- {metric: acuracy, min: 0.1}\n")
     assert main(["eval", "run", "arithmetic", "--model", str(tmp_path / "m"), "--gates", str(gates)]) == 2

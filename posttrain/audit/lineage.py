@@ -16,11 +16,10 @@ the hashes in the child's manifest still say what it was.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from posttrain.audit.run_dir import RunDir
 
 
 @dataclass
@@ -115,23 +114,6 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, OSError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except (yaml.YAMLError, OSError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def lineage(run_dir: str | Path) -> LineageNode:
     """The lineage tree of a run directory (see the module docstring).
 
@@ -145,8 +127,9 @@ def lineage(run_dir: str | Path) -> LineageNode:
         path = path.resolve()
         if path in nodes:
             return nodes[path]
-        manifest = read_json(path / "manifest.json")
-        node = LineageNode(run_dir=path, manifest=manifest, config=read_config(path), missing=not manifest)
+        run = RunDir(path)
+        node = LineageNode(run_dir=path, manifest=run.manifest, config=run.config, missing=not run.manifest)
+        manifest = run.manifest
         nodes[path] = node
         for parent in manifest.get("parents") or []:
             parent = Path(parent).resolve()
@@ -159,7 +142,4 @@ def lineage(run_dir: str | Path) -> LineageNode:
 
 def run_of(path: str | Path) -> Path:
     """The run directory of a path: itself, or the run holding it when given a model (RUN/final)."""
-    path = Path(path)
-    if not (path / "manifest.json").is_file() and (path.parent / "manifest.json").is_file():
-        return path.parent
-    return path
+    return RunDir.of(path).path

@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from posttrain.audit.lineage import LineageNode, lineage, read_json, run_of
+from posttrain.audit.lineage import LineageNode, lineage, run_of
+from posttrain.audit.run_dir import read_json, read_jsonl
 from posttrain.errors import ConfigError
 
 DEFAULT_INTENDED_USE = (
@@ -137,20 +138,6 @@ def key_hyperparameters(config: Mapping) -> dict[str, Any]:
         if key == "train.epochs" and _get(config, "train.max_steps") is not None:
             continue  # max_steps overrides epochs
         out[key] = value
-    return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed run
-        if isinstance(record, dict):
-            out.append(record)
     return out
 
 

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from posttrain.audit.hashes import hash_inputs, model_files
+from posttrain.audit.run_dir import RunDir
 from posttrain.errors import disk_full
 
 PACKAGES = (
@@ -188,7 +189,5 @@ class Run:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
+    """metrics.jsonl of a run, one dict per logged step (audit/run_dir.py: a line cut by a kill is skipped)."""
+    return RunDir(run_dir).metrics

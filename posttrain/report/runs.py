@@ -4,12 +4,11 @@ mid-line) loses only its broken lines."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from posttrain.audit.run_dir import RunDir, parse_line, read_json
 
 # Logged with every step but not worth a curve: the x axis, wall-clock time, a running count.
 NOT_PLOTTED = frozenset({"step", "time", "tokens", "epoch"})
@@ -71,43 +70,33 @@ class RunData:
 
 
 def is_run(path: Path) -> bool:
-    return (path / "metrics.jsonl").is_file() or (path / "manifest.json").is_file()
+    return RunDir(path).is_run
 
 
 def stage_dirs(path: Path) -> list[Path]:
     """The run directories directly inside a pipeline directory, in the order they ran (the
     manifest's creation time; directories without one last, by name)."""
     stages = [d for d in sorted(path.iterdir()) if d.is_dir() and is_run(d)]
-    created = {d: str(_read_json(d / "manifest.json").get("created") or "~") for d in stages}
+    created = {d: str(RunDir(d).manifest.get("created") or "~") for d in stages}
     return sorted(stages, key=lambda d: (created[d], d.name))
 
 
 def load_run(path: Path) -> RunData:
-    config_text = _read_text(path / "config.yaml")
-    try:
-        config = yaml.safe_load(config_text) if config_text else {}
-    except yaml.YAMLError:
-        config = {}
+    run = RunDir(path)
     png = path / "rm_audit.png"
     return RunData(
         path=path,
-        metrics=read_jsonl(path / "metrics.jsonl"),
-        alerts=[a for a in read_jsonl(path / "alerts.jsonl") if isinstance(a.get("step"), int)],
-        manifest=_read_json(path / "manifest.json"),
-        config=config if isinstance(config, dict) else {},
-        config_text=config_text,
-        eval=_read_json(path / "eval.json") or None,
-        rm_audit=_read_json(path / "rm_audit.json") or None,
+        metrics=run.metrics,
+        alerts=[a for a in run.alerts if isinstance(a.get("step"), int)],
+        manifest=run.manifest,
+        config=run.config,
+        config_text=run.config_text,
+        eval=run.eval or None,
+        rm_audit=read_json(path / "rm_audit.json") or None,
         rm_audit_png=png if png.is_file() else None,
-        summary=_read_json(path / "summary.json") or None,
+        summary=read_json(path / "summary.json") or None,
         samples=last_step_samples(path / "samples.jsonl"),
     )
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [r for r in map(_parse, path.read_text(errors="replace").splitlines()) if r is not None]
 
 
 def last_step_samples(path: Path, *, max_bytes: int = 64 << 20) -> list[dict]:
@@ -125,7 +114,7 @@ def last_step_samples(path: Path, *, max_bytes: int = 64 << 20) -> list[dict]:
             lines = f.read(end - start).decode(errors="replace").splitlines()
             if start > 0:
                 lines = lines[1:]  # the first line may be cut in the middle
-            records = [r for r in map(_parse, lines) if r is not None]
+            records = [r for r in map(parse_line, lines) if r is not None]
             steps = {r.get("step") for r in records}
             if start == 0 or len(steps) > 1 or block >= max_bytes:
                 break
@@ -134,23 +123,3 @@ def last_step_samples(path: Path, *, max_bytes: int = 64 << 20) -> list[dict]:
         return []
     last = records[-1].get("step")
     return [r for r in records if r.get("step") == last]
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text(errors="replace") if path.is_file() else ""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(_read_text(path) or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return data if isinstance(data, dict) else {}

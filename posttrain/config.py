@@ -440,6 +440,11 @@ class EnvConfig(Section):
     weight: float = Field(
         1.0, description="Weight of the environment's grade in the reward (component 'env')."
     )
+    credit: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Per-turn credit (posttrain.agents.credit): {mode: trajectory|discounted|anchor, gamma, "
+        "omega}; empty or trajectory is GRPO's one advantage per episode. Needs rl.advantage 'group'.",
+    )
 
 
 RL_PRESETS: dict[str, dict] = {

@@ -149,3 +149,82 @@ def test_turn_rewards_state_keys_and_token_advantages_from_episodes():
         s.prompt_ids == full[: sampled[1].start]
         and s.completion_ids == full[sampled[1].start : sampled[1].end]
     )
+
+
+# --- the environment step source's option -------------------------------------------------------
+
+
+def credit_source(tmp_path, credit_cfg, rl=None):
+    from posttrain import algorithms
+    from posttrain.agents.source import EnvSource
+    from posttrain.config import load_config
+    from posttrain.engine.loop import make_accelerator
+    from posttrain.train_env import env_reward_fns
+
+    cfg = load_config(
+        {
+            "algorithm": "grpo",
+            "out": str(tmp_path / "run"),
+            "model": {"path": "unused"},
+            "env": {"name": "guess", "options": {"step_penalty": 0.1}, "credit": credit_cfg},
+            "rollout": {"prompts_per_step": 1, "group_size": 3},
+            "rl": rl if rl is not None else {"scale": "none"},
+        }
+    )
+    plans = iter([[8, 5], [8, 4, 5], [1, 15, 14, 13]])
+
+    def scripts(task):
+        guesses = next(plans)
+
+        def play(task):
+            for g in guesses:
+                yield [Call("guess", {"n": g})]
+
+        return play(task)
+
+    return EnvSource(
+        cfg,
+        tasks=[{"id": "t", "n": 15, "target": 5}],
+        tokenizer=TOK,
+        engine=ScriptedPolicy(TOK, "tiny", scripts),
+        reward=env_reward_fns(cfg, 1024),
+        algo=algorithms.get("grpo"),
+        accelerator=make_accelerator("fp32"),
+        samples_path=tmp_path / "samples.jsonl",
+    )
+
+
+def test_env_credit_discounted_puts_per_turn_advantages_on_the_policy_tokens(tmp_path):
+    src = credit_source(tmp_path, {"mode": "discounted", "gamma": 0.5})
+    buffer = src.generate_scored(src.engine).buffer
+    src.annotate(None, buffer)
+    src.add_advantages(buffer)
+    # G(e0) = [0.4, 1.0]; G(e1) = [0.1, 0.4, 1.0]; G(e2) = [-0.1875, -0.175, -0.15, -0.1]
+    b = (0.4 + 0.1 - 0.1875) / 3
+    want = [[0.4 - b, 1.0 - b], [0.1 - b, 0.4 - b, 1.0 - b], [g - b for g in (-0.1875, -0.175, -0.15, -0.1)]]
+    assert src.last_turn_advantages == approx(want)
+    assert "advantages" not in buffer.sequence
+    adv = buffer.token["advantages"]
+    for i, e in enumerate(src.last_episodes):
+        row = adv[i, : len(e.ids)].tolist()
+        assert row == pytest.approx(credit.token_advantages(e, want[i]), abs=1e-6)
+        assert all(a == 0.0 for a, m in zip(row, e.mask) if not m)
+
+
+def test_env_credit_trajectory_leaves_grpo_as_it_is_and_bad_options_are_config_errors(tmp_path):
+    from posttrain.errors import ConfigError
+
+    src = credit_source(tmp_path, {})
+    buffer = src.generate_scored(src.engine).buffer
+    src.annotate(None, buffer)
+    src.add_advantages(buffer)
+    mean = (0.9 + 0.8 - 0.4) / 3
+    assert buffer.sequence["advantages"].tolist() == pytest.approx(
+        [0.9 - mean, 0.8 - mean, -0.4 - mean], abs=1e-5
+    )
+    with pytest.raises(ConfigError, match="unknown; known: trajectory"):
+        credit_source(tmp_path, {"mode": "per_token"})
+    with pytest.raises(ConfigError, match="unknown key"):
+        credit_source(tmp_path, {"mode": "anchor", "lambda": 1})
+    with pytest.raises(ConfigError, match="rl.advantage 'group'"):
+        credit_source(tmp_path, {"mode": "anchor"}, rl={"advantage": "rloo"})

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from posttrain.agents.config import budgets as config_budgets
 from posttrain.agents.config import check_options, env_factory
+from posttrain.agents.credit import CREDIT, SCALES, episode_credit, token_advantages
 from posttrain.agents.runner import EpisodeRunner
 from posttrain.agents.trajectory import Episode, completion, summarize
 from posttrain.data.templates import IGNORE_INDEX
@@ -129,6 +130,8 @@ class EnvSource(RolloutSource):
         self.policy_token_budget = b.max_turns * b.max_new_tokens
         self.trajectories_path = Path(samples_path).with_name("trajectories.jsonl") if samples_path else None
         self.last_episodes: list[Episode] = []
+        self.credit = check_credit(cfg)
+        self.last_turn_advantages: list[list[float]] | None = None
 
     # ------------------------------------------------------------------ episodes
 
@@ -222,6 +225,25 @@ class EnvSource(RolloutSource):
             valid=torch.tensor([not e.masked for e in episodes]),
         )
 
+    def add_advantages(self, buffer) -> None:
+        """The algorithm's advantages; with a per-turn ``env.credit`` mode, per-token advantages of
+        ``agents.credit`` in their place (each policy token its turn's advantage)."""
+        self.last_turn_advantages = None
+        if self.credit.get("mode", "trajectory") == "trajectory":
+            return super().add_advantages(buffer)
+        turns = episode_credit(
+            self.last_episodes,
+            buffer.group_size,
+            totals=buffer.rewards.tolist(),
+            scale=self.rl.scale,
+            **self.credit,
+        )
+        self.last_turn_advantages = turns
+        buffer.sequence.pop("advantages", None)
+        buffer.token["advantages"] = buffer.per_token(
+            [token_advantages(e, a) for e, a in zip(self.last_episodes, turns)]
+        )
+
     def _rollout(self, model, step: int):
         steps = super()._rollout(model, step)
         if self.trajectories_path is not None:
@@ -234,10 +256,37 @@ class EnvSource(RolloutSource):
                         "run_id": self.trajectories_path.parent.name,
                         "reward": round(float(buffer.rewards[i]), 6),
                         "advantage": None if adv is None else round(float(adv[i]), 6),
+                        **self._turn_record(i),
                         **e.to_json(),
                     }
                     f.write(json.dumps(record) + "\n")
         return steps
+
+    def _turn_record(self, i: int) -> dict:
+        if self.last_turn_advantages is None:
+            return {}
+        return {"turn_advantages": [round(a, 6) for a in self.last_turn_advantages[i]]}
+
+
+def check_credit(cfg) -> dict:
+    """``env.credit`` checked: a known mode, known keys, an advantage estimator it can replace."""
+    credit = dict(getattr(cfg.env, "credit", None) or {})
+    unknown = set(credit) - {"mode", "gamma", "omega"}
+    if unknown:
+        raise ConfigError(
+            f"env.credit: unknown key(s) {', '.join(sorted(unknown))}; known: mode, gamma, omega"
+        )
+    mode = credit.get("mode", "trajectory")
+    if mode not in CREDIT:
+        raise ConfigError(f"env.credit.mode {mode!r} unknown; known: {', '.join(CREDIT)}")
+    if mode != "trajectory" and (
+        getattr(cfg.rl, "advantage", None) != "group" or getattr(cfg.rl, "scale", None) not in SCALES
+    ):
+        raise ConfigError(
+            f"env.credit.mode {mode!r} replaces GRPO's group advantages: it needs rl.advantage 'group' "
+            f"and rl.scale 'std' or 'none'"
+        )
+    return credit
 
 
 def make_runner(cfg, tokenizer, *, greedy: bool = False) -> EpisodeRunner:

@@ -18,6 +18,7 @@
     posttrain eval judge --model DIR --labels F a judge model's agreement with human labels (kappa)
     posttrain env list | env check ENV          agent environments; golden trajectories and hack probes
     posttrain collect init|serve|export|...     human feedback web app: compare, rate, edit; agreement, leaderboard
+    posttrain replay RUN_DIR --regrade|--execute|--to-sft F|--to-dpo F   re-grade, re-run or reuse agent episodes
 
 Errors caused by input (config, data, paths) are printed as one clear message, exit code 2.
 A failed regression gate exits with code 1.
@@ -30,11 +31,11 @@ import os
 import sys
 
 from posttrain import __version__
-from posttrain.cli import audit, collect, data, env, generate, pipeline, report, train
+from posttrain.cli import audit, collect, data, env, generate, pipeline, replay, report, train
 from posttrain.cli import eval as eval_
 from posttrain.errors import PosttrainError
 
-GROUPS = (train, data, eval_, pipeline, generate, report, audit, env, collect)
+GROUPS = (train, data, eval_, pipeline, generate, report, audit, env, collect, replay)
 """One module per command group, each with ``add_parsers(subparsers)``; a new group is one more line."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from posttrain import algorithms
+from posttrain.agents.audit import env_audit
 from posttrain.agents.config import task_rows
 from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
 from posttrain.config import RunConfig, dump_config
@@ -114,6 +115,9 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
         parameters={"total": total, "trainable": trainable},
         processes=accelerator.num_processes,
         sandbox=sandbox_info,
+        env=env_audit(
+            cfg.env, tasks, eval_tasks
+        ),  # source hashes, task hashes (posttrain replay checks them)
     )
     model.to(accelerator.device)
     engine = make_engine(cfg, algo.policy(model), tokenizer, accelerator)

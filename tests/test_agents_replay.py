@@ -11,6 +11,7 @@ import pytest
 from replay_toys import Dice
 
 from posttrain.agents import replay
+from posttrain.agents.audit import env_audit
 from posttrain.agents.config import env_factory
 from posttrain.agents.policies import Call, ScriptedPolicy
 from posttrain.agents.runner import EpisodeRunner
@@ -63,6 +64,8 @@ def make_run(tmp_path, *plans, G=2, n=2):
         ScriptedPolicy(TOK, "tiny", scripts), env_factory(cfg.env), Dice.tasks(n), group_size=G
     )
     write_jsonl(run / "trajectories.jsonl", eps, step=1, run_id="run")
+    manifest = {"env": env_audit(cfg.env, Dice.tasks(n), [])}
+    (run / "manifest.json").write_text(json.dumps(manifest))
     return run, eps
 
 
@@ -161,3 +164,23 @@ def test_to_dpo_pairs_success_with_failure_on_the_same_task(tmp_path):
     assert rows[0]["prompt"] == eps[0].turns[0].text and '"0"' not in rows[0]["chosen"]
     assert main(["data", "validate", str(out), "--kind", "preference"]) == 0
     assert "environment's tokens" in (tmp_path / "pairs.DATA_CARD.md").read_text()
+
+
+def test_the_manifest_records_environment_hashes_and_replay_reports_a_changed_source(tmp_path, capsys):
+    run, _ = make_run(tmp_path, count_then_answer)
+    manifest = json.loads((run / "manifest.json").read_text())
+    block = manifest["env"]
+    assert set(block["sources"]) == {"tests/replay_toys.py", "posttrain/agents/env.py"}
+    assert (
+        block["tasks"] == 2
+        and len(block["tasks_sha256"]) == 64
+        and block["trajectories"] == "trajectories.jsonl"
+    )
+    assert replay.environment_changes(run) == []
+    block["sources"]["tests/replay_toys.py"] = "0" * 64  # as if the grader was edited after the run
+    block["all_tasks_sha256"] = "0" * 64
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["replay", str(run), "--execute"]) == 0
+    out = capsys.readouterr().out
+    assert "environment changed since the run: source changed: tests/replay_toys.py" in out
+    assert "the task rows differ" in out

@@ -237,6 +237,26 @@ def replay_run(run_dir, *, tasks_files=None, timeout: float = 30.0, progress: bo
     ]
 
 
+def environment_changes(run_dir, tasks_files=None) -> list[str]:
+    """What changed in the environment since the run, by its manifest's ``env`` block (``agents.audit``):
+    source files whose sha256 differs, a different task set. Empty when nothing did (or no record)."""
+    from posttrain.agents.audit import changed_sources, tasks_digest
+
+    path = Path(run_dir)
+    manifest = (path.parent if path.is_file() else path) / "manifest.json"
+    if not manifest.is_file():
+        return []
+    block = json.loads(manifest.read_text()).get("env") or {}
+    if not block:
+        return []
+    factory, tasks, _ = run_env(run_dir, tasks_files)
+    out = [f"source changed: {f}" for f in changed_sources(block, factory.cls)]
+    if block.get("all_tasks_sha256") and not tasks_files:
+        if tasks_digest(list(tasks.values())) != block["all_tasks_sha256"]:
+            out.append("the task rows differ from the run's (env.tasks_sha256 in manifest.json)")
+    return out
+
+
 def table(header: list[str], rows: list[list]) -> str:
     """A plain-text table (columns padded to their widest cell)."""
     cells = [header] + [[str(c) for c in r] for r in rows]

@@ -46,6 +46,8 @@ def _replay(args) -> int:
         out, n, card = export(args.run_dir, sft=args.to_sft, dpo=args.to_dpo, max_pairs=args.max_pairs)
         print(f"{n} rows written to {out} (data card {card})")
         return 0
+    for change in replay.environment_changes(args.run_dir, args.tasks):
+        print(f"environment changed since the run: {change}")
     results = replay.replay_run(args.run_dir, tasks_files=args.tasks, timeout=args.timeout)
     skipped = [r for r in results if r.skipped]
     ran = len(results) - len(skipped)

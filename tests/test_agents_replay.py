@@ -184,3 +184,25 @@ def test_the_manifest_records_environment_hashes_and_replay_reports_a_changed_so
     out = capsys.readouterr().out
     assert "environment changed since the run: source changed: tests/replay_toys.py" in out
     assert "the task rows differ" in out
+
+
+def test_to_sft_output_trains_with_the_sft_algorithm_as_it_is(tmp_path):
+    from posttrain.engine.run import read_metrics
+    from posttrain.tasks.tiny import build_tiny
+    from posttrain.train import train
+
+    run, _ = make_run(tmp_path, count_then_answer, wrong, n=4)
+    out = tmp_path / "sft.jsonl"
+    assert main(["replay", str(run), "--to-sft", str(out)]) == 0
+    model = build_tiny(tmp_path / "tiny", seed=0)
+    cfg = {
+        "algorithm": "sft",
+        "out": str(tmp_path / "sft"),
+        "model": {"path": str(model)},
+        "data": {"train": str(out), "max_length": 512},
+        "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False, "tensorboard": False},
+    }
+    res = train(cfg)
+    losses = [m["loss"] for m in read_metrics(res.run_dir) if "loss" in m]
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
+    assert losses[-1] < losses[0]  # the same 4 rows thrice: the loss falls

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from posttrain import algorithms
-from posttrain.agents.audit import env_audit
+from posttrain.agents.audit import env_audit, record_trajectories
 from posttrain.agents.config import task_rows
 from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
 from posttrain.config import RunConfig, dump_config
@@ -151,4 +151,5 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
         )
     finally:
         source.close()
+        record_trajectories(run)  # the trajectories file's sha256 in the manifest's env block
     return finish(result, algo, model, tokenizer, run, accelerator)

@@ -206,3 +206,27 @@ def test_to_sft_output_trains_with_the_sft_algorithm_as_it_is(tmp_path):
     losses = [m["loss"] for m in read_metrics(res.run_dir) if "loss" in m]
     assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
     assert losses[-1] < losses[0]  # the same 4 rows thrice: the loss falls
+
+
+def test_the_trajectories_hash_lands_in_the_manifest_and_the_model_card_line(tmp_path):
+    from posttrain.agents.audit import card_line, record_trajectories
+    from posttrain.audit.hashes import sha256_file
+
+    run, _ = make_run(tmp_path, count_then_answer, wrong)
+
+    class Stub:  # what record_trajectories needs of engine.run.Run
+        path, write = run, True
+
+        def update_manifest(self, **fields):
+            m = json.loads((run / "manifest.json").read_text())
+            (run / "manifest.json").write_text(json.dumps({**m, **fields}))
+
+    record_trajectories(Stub())
+    env = json.loads((run / "manifest.json").read_text())["env"]
+    assert env["episodes"] == 4 and env["trajectories_sha256"] == sha256_file(run / "trajectories.jsonl")
+    line = card_line({"env": env})
+    assert (
+        line.startswith("replay_toys:Dice v1; 2 tasks (sha256 ")
+        and "4 episodes in trajectories.jsonl" in line
+    )
+    assert "tests/replay_toys.py " in line and card_line({}) is None

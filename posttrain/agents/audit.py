@@ -78,3 +78,36 @@ def changed_sources(manifest_env: dict, cls) -> list[str]:
     """The environment source files whose hash differs from the run's manifest (or that are new / gone)."""
     then, now = dict(manifest_env.get("sources") or {}), env_sources(cls)
     return sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+
+
+def record_trajectories(run) -> None:
+    """Add the trajectories file's sha256 and episode count to the manifest's ``env`` block (end of a run)."""
+    from posttrain.audit.hashes import sha256_file
+
+    path = run.path / "trajectories.jsonl"
+    manifest_path = run.path / "manifest.json"
+    if not run.write or not path.is_file() or not manifest_path.is_file():
+        return
+    import json
+
+    block = dict(json.loads(manifest_path.read_text()).get("env") or {})
+    with open(path) as f:
+        episodes = sum(1 for line in f if line.strip())
+    run.update_manifest(env={**block, "trajectories_sha256": sha256_file(path), "episodes": episodes})
+
+
+def card_line(manifest: dict) -> str | None:
+    """The model card's one-line summary of an agent run's environment (None for other runs)."""
+    env = manifest.get("env")
+    if not isinstance(env, dict) or "sources" not in env:
+        return None
+    parts = [
+        f"{env.get('name')} v{env.get('version')}",
+        f"{env.get('tasks')} tasks (sha256 {str(env.get('tasks_sha256'))[:12]})",
+    ]
+    parts += [f"{f} {h[:12]}" for f, h in sorted(env["sources"].items())]
+    if env.get("trajectories_sha256"):
+        parts.append(
+            f"{env.get('episodes')} episodes in {env['trajectories']} (sha256 {env['trajectories_sha256'][:12]})"
+        )
+    return "; ".join(parts)

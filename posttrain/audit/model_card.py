@@ -249,6 +249,7 @@ def model_card_lines(
         ("git commit", manifest.get("git_commit")),
         ("pipeline", pipeline.get("pipeline")),
         ("sandbox", (manifest.get("sandbox") or {}).get("backend")),
+        ("environment", _env_line(manifest)),
     ]
     lines += [f"- **{k}**: {_cell(v)}" for k, v in facts if v is not None]
     if (manifest.get("sandbox") or {}).get("weak"):
@@ -394,3 +395,9 @@ def _limitations(nodes, evals, pipeline: Mapping, extra: Sequence[str]) -> list[
     out += [str(x) for x in pipeline.get("limitations") or []]
     out += [str(x) for x in extra]
     return out
+
+
+def _env_line(manifest: dict) -> str | None:
+    from posttrain.agents.audit import card_line  # agents' manifest block; None for other runs
+
+    return card_line(manifest)

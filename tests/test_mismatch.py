@@ -35,13 +35,15 @@ def test_mismatch_stats_by_hand():
 def test_bfloat16_sampler_is_measured_and_corrected(task, tmp_path):  # noqa: F811
     cfg = config(
         task, tmp_path / "bf16", max_steps=3,
-        rollout={"dtype": "bfloat16", "is_correction": "token_truncate", "is_clip_max": 1.05},
+        rollout={"dtype": "bfloat16", "is_correction": "token_truncate", "is_clip_max": 1.001},
     )  # fmt: skip
     rows = read_metrics(train(cfg).run_dir)
     for m in rows:
         assert m["mismatch/kl"] > 0 and m["mismatch/logp_diff_max"] > 0
         assert m["mismatch/ratio_max"] > 1 > m["mismatch/ratio_min"]
-        assert m["mismatch/is_weight_max"] <= 1.05  # the correction bounds the weights
+        # bf16 moves the tiny model's token ratios by ~0.5%: past the bound, and the correction caps them
+        assert m["mismatch/ratio_max"] > 1.001 and m["mismatch/is_weight_max"] == pytest.approx(1.001)
+        assert m["mismatch/share_past_bound"] > 0
         assert math.isfinite(m["loss"])
 
 

@@ -35,7 +35,7 @@ the loss mask, values when the algorithm has a critic); the algorithm only says:
     policy(model) -> the causal LM the engine samples from  optional; default: the model itself
 
 Adding an algorithm: write the module (the toy in tests/test_algorithm_contract.py is one screen), then
-add its name to OFFLINE or ONLINE below and give it a run type in config.py's RUN_TYPES (a subclass of
+add its name to OFFLINE or ONLINE below and give it a run type in posttrain/config's RUN_TYPES (a subclass of
 RunConfig with its own sections; an online one subclasses RolloutRun).
 """
 

@@ -1,6 +1,6 @@
 """The GRPO family: GRPO, Dr. GRPO, DAPO, CISPO, GSPO, RLOO and REINFORCE++ (critic-free policy gradient).
 
-One module, because they differ only in options of shared pieces (see `RL_PRESETS` in config.py):
+One module, because they differ only in options of shared pieces (see `RL_PRESETS` in config/online.py):
 
     advantage    group-normalised (GRPO, DAPO; `scale` std / batch / none = Dr. GRPO), leave-one-out
                  (RLOO), batch-whitened returns (REINFORCE++)

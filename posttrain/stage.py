@@ -119,3 +119,45 @@ def sandbox_for(cfg: RunConfig, run: Run) -> dict:
 def _runs_code(spec) -> bool:
     name = spec if isinstance(spec, str) else spec.get("name", "")
     return "code" in str(name)
+
+
+def online_models(cfg: RunConfig, algo, accelerator):
+    """(the trained module: the policy, with its critic for PPO; the frozen reference on the device when there
+    is a KL term, else None)."""
+    from posttrain.models import load_model
+
+    model = algo.load_model(cfg)
+    reference = None
+    if cfg.rl.kl_coef > 0:
+        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
+        reference.to(accelerator.device)
+    return model, reference
+
+
+def model_paths(cfg: RunConfig) -> list[str]:
+    """Every model a stage reads, for the manifest: the policy, a DPO reference, PPO's critic."""
+    extra = {"dpo": ("dpo", "ref_model"), "ppo": ("ppo", "critic")}.get(cfg.algorithm)
+    path = getattr(getattr(cfg, extra[0]), extra[1]) if extra else None
+    return [cfg.model.path] + ([path] if path else [])
+
+
+def record_start(
+    run: Run, cfg: RunConfig, accelerator, model, *, what: str, inputs: list, data: dict, **extra
+):
+    """Say what trains (``what``, then the model's parameter counts), write config.yaml and manifest.json."""
+    from posttrain.config import dump_config
+    from posttrain.models import count_parameters
+
+    trainable, total = count_parameters(model)
+    accelerator.print(f"{what}, model {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)")
+    run.write_text("config.yaml", dump_config(cfg))
+    run.write_manifest(
+        config=cfg.model_dump(mode="json"),
+        seed=cfg.train.seed,
+        inputs=inputs,
+        models=model_paths(cfg),
+        data=data,
+        parameters={"total": total, "trainable": trainable},
+        processes=accelerator.num_processes,
+        **extra,
+    )

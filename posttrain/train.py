@@ -18,8 +18,18 @@ from posttrain.data.schemas import load_rows
 from posttrain.engine.loop import LoopData, make_accelerator, train_loop, used_examples
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError, DataError, RewardError
-from posttrain.models import count_parameters, load_model, load_tokenizer
-from posttrain.stage import StageResult, build_monitor, files, finish, load_stage, make_engine, sandbox_for
+from posttrain.models import load_model, load_tokenizer
+from posttrain.stage import (
+    StageResult,
+    build_monitor,
+    files,
+    finish,
+    load_stage,
+    make_engine,
+    online_models,
+    record_start,
+    sandbox_for,
+)
 
 __all__ = ["StageResult", "train"]
 
@@ -160,21 +170,12 @@ def train_offline(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False
     if packing and not packing_supported(getattr(model, "backbone", model)):
         say(f"note: {type(model).__name__} does not honour per-sequence position ids; using padded batches")
         packing = False
-    trainable, total = count_parameters(model)
-    say(
-        f"{cfg.algorithm}: {len(examples)} examples, model {total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
-    )
-
-    run.write_text("config.yaml", dump_config(cfg))
-    run.write_manifest(
-        config=cfg.model_dump(mode="json"),
-        seed=cfg.train.seed,
+    record_start(
+        run, cfg, accelerator, model,
+        what=f"{cfg.algorithm}: {len(examples)} examples",
         inputs=train_files + eval_files,
-        models=[cfg.model.path] + reference_models(cfg),
         data={"train_examples": len(examples), "eval_examples": len(eval_examples or []), "packing": packing},
-        parameters={"total": total, "trainable": trainable},
-        processes=accelerator.num_processes,
-    )
+    )  # fmt: skip
     pad_id = tokenizer.pad_token_id
     objective = algo.Objective(cfg)
     data = loop_data(examples, algo, cfg, pad_id, packing)
@@ -305,27 +306,14 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
     reward = build_reward(cfg.rl.rewards, cfg, shaping=True)
     eval_reward = build_reward(cfg.rl.eval_rewards or cfg.rl.rewards, cfg, shaping=False)
 
-    model = algo.load_model(cfg)
-    reference = None
-    if cfg.rl.kl_coef > 0:
-        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
-        reference.to(accelerator.device)
-    trainable, total = count_parameters(model)
-    accelerator.print(
-        f"{cfg.algorithm}: {len(rows)} prompts x {cfg.rollout.group_size} samples, model "
-        f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
-    )
-    run.write_text("config.yaml", dump_config(cfg))
-    run.write_manifest(
-        config=cfg.model_dump(mode="json"),
-        seed=cfg.train.seed,
+    model, reference = online_models(cfg, algo, accelerator)
+    record_start(
+        run, cfg, accelerator, model,
+        what=f"{cfg.algorithm}: {len(rows)} prompts x {cfg.rollout.group_size} samples",
         inputs=train_files + eval_files,
-        models=[cfg.model.path] + ([cfg.ppo.critic] if cfg.algorithm == "ppo" and cfg.ppo.critic else []),
         data={"prompts": len(rows), "eval_prompts": len(eval_rows or [])},
-        parameters={"total": total, "trainable": trainable},
-        processes=accelerator.num_processes,
         sandbox=sandbox_info,
-    )
+    )  # fmt: skip
     model.to(accelerator.device)
     engine = make_engine(cfg, algo.policy(model), tokenizer, accelerator)
     source = RolloutSource(

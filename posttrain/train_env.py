@@ -16,12 +16,21 @@ from posttrain import algorithms
 from posttrain.agents.audit import env_audit, record_trajectories
 from posttrain.agents.config import task_rows
 from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
-from posttrain.config import RunConfig, dump_config
+from posttrain.config import RunConfig
 from posttrain.engine.loop import train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError
-from posttrain.models import count_parameters, load_model, load_tokenizer
-from posttrain.stage import StageResult, build_monitor, files, finish, make_engine, sandbox_for
+from posttrain.models import load_tokenizer
+from posttrain.stage import (
+    StageResult,
+    build_monitor,
+    files,
+    finish,
+    make_engine,
+    online_models,
+    record_start,
+    sandbox_for,
+)
 
 
 def env_reward_fns(cfg: RunConfig, policy_token_budget: int):
@@ -95,30 +104,15 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
     tasks = task_rows(cfg.env, train_files, split="train")
     eval_tasks = task_rows(cfg.env, eval_files, split="held_out")
 
-    model = algo.load_model(cfg)
-    reference = None
-    if cfg.rl.kl_coef > 0:
-        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
-        reference.to(accelerator.device)
-    trainable, total = count_parameters(model)
-    accelerator.print(
-        f"{cfg.algorithm} on {cfg.env.name}: {len(tasks)} tasks x {cfg.rollout.group_size} episodes, model "
-        f"{total / 1e6:.2f}M params ({trainable / 1e6:.2f}M trainable)"
-    )
-    run.write_text("config.yaml", dump_config(cfg))
-    run.write_manifest(
-        config=cfg.model_dump(mode="json"),
-        seed=cfg.train.seed,
+    model, reference = online_models(cfg, algo, accelerator)
+    record_start(
+        run, cfg, accelerator, model,
+        what=f"{cfg.algorithm} on {cfg.env.name}: {len(tasks)} tasks x {cfg.rollout.group_size} episodes",
         inputs=train_files + eval_files,
-        models=[cfg.model.path] + ([cfg.ppo.critic] if cfg.algorithm == "ppo" and cfg.ppo.critic else []),
         data={"tasks": len(tasks), "eval_tasks": len(eval_tasks), "env": cfg.env.name},
-        parameters={"total": total, "trainable": trainable},
-        processes=accelerator.num_processes,
         sandbox=sandbox_info,
-        env=env_audit(
-            cfg.env, tasks, eval_tasks
-        ),  # source hashes, task hashes (posttrain replay checks them)
-    )
+        env=env_audit(cfg.env, tasks, eval_tasks),  # source and task hashes (posttrain replay checks them)
+    )  # fmt: skip
     model.to(accelerator.device)
     engine = make_engine(cfg, algo.policy(model), tokenizer, accelerator)
     main = accelerator.is_main_process

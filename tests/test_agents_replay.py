@@ -209,8 +209,9 @@ def test_to_sft_output_trains_with_the_sft_algorithm_as_it_is(tmp_path):
 
 
 def test_the_trajectories_hash_lands_in_the_manifest_and_the_model_card_line(tmp_path):
-    from posttrain.agents.audit import card_line, record_trajectories
+    from posttrain.agents.audit import record_trajectories
     from posttrain.audit.hashes import sha256_file
+    from posttrain.audit.model_card import env_card_line as card_line
 
     run, _ = make_run(tmp_path, count_then_answer, wrong)
 

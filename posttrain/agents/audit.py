@@ -94,20 +94,3 @@ def record_trajectories(run) -> None:
     with open(path) as f:
         episodes = sum(1 for line in f if line.strip())
     run.update_manifest(env={**block, "trajectories_sha256": sha256_file(path), "episodes": episodes})
-
-
-def card_line(manifest: dict) -> str | None:
-    """The model card's one-line summary of an agent run's environment (None for other runs)."""
-    env = manifest.get("env")
-    if not isinstance(env, dict) or "sources" not in env:
-        return None
-    parts = [
-        f"{env.get('name')} v{env.get('version')}",
-        f"{env.get('tasks')} tasks (sha256 {str(env.get('tasks_sha256'))[:12]})",
-    ]
-    parts += [f"{f} {h[:12]}" for f, h in sorted(env["sources"].items())]
-    if env.get("trajectories_sha256"):
-        parts.append(
-            f"{env.get('episodes')} episodes in {env['trajectories']} (sha256 {env['trajectories_sha256'][:12]})"
-        )
-    return "; ".join(parts)

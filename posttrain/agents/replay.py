@@ -84,7 +84,6 @@ def run_env(run_dir: str | Path, tasks_files: list[str] | None = None):
     the run's seed and counts), or the rows of ``tasks_files``."""
     from posttrain.agents.config import env_factory, task_rows
     from posttrain.config import load_config
-    from posttrain.stage import files
 
     run_dir = Path(run_dir)
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
@@ -98,8 +97,8 @@ def run_env(run_dir: str | Path, tasks_files: list[str] | None = None):
     if tasks_files:
         rows = task_rows(cfg.env, list(tasks_files), split="train")
     else:
-        rows = task_rows(cfg.env, files(cfg.data.train), split="train")
-        rows += task_rows(cfg.env, files(cfg.data.eval), split="held_out")
+        rows = task_rows(cfg.env, _files(cfg.data.train), split="train")
+        rows += task_rows(cfg.env, _files(cfg.data.eval), split="held_out")
     return env_factory(cfg.env), {task_hash(t): t for t in rows}, cfg
 
 
@@ -277,3 +276,7 @@ def regrade_rows(results: list[Replayed]) -> list[list[str]]:
             note = f"state diverged at turn {diverged[0].turn} ({diverged[0].what})" if diverged else ""
             rows.append([r.record.name, r.record.episode.task_id, grade_text(old), grade_text(new), note])
     return rows
+
+
+def _files(spec: str | list[str] | None) -> list[str]:
+    return [] if spec is None else [spec] if isinstance(spec, str) else list(spec)

@@ -249,7 +249,7 @@ def model_card_lines(
         ("git commit", manifest.get("git_commit")),
         ("pipeline", pipeline.get("pipeline")),
         ("sandbox", (manifest.get("sandbox") or {}).get("backend")),
-        ("environment", _env_line(manifest)),
+        ("environment", env_card_line(manifest)),
     ]
     lines += [f"- **{k}**: {_cell(v)}" for k, v in facts if v is not None]
     if (manifest.get("sandbox") or {}).get("weak"):
@@ -397,7 +397,19 @@ def _limitations(nodes, evals, pipeline: Mapping, extra: Sequence[str]) -> list[
     return out
 
 
-def _env_line(manifest: dict) -> str | None:
-    from posttrain.agents.audit import card_line  # agents' manifest block; None for other runs
-
-    return card_line(manifest)
+def env_card_line(manifest: dict) -> str | None:
+    """The one-line summary of an agent run's environment (manifest "env", written by agents/audit.py); None
+    for other runs."""
+    env = manifest.get("env")
+    if not isinstance(env, dict) or "sources" not in env:
+        return None
+    parts = [
+        f"{env.get('name')} v{env.get('version')}",
+        f"{env.get('tasks')} tasks (sha256 {str(env.get('tasks_sha256'))[:12]})",
+    ]
+    parts += [f"{f} {h[:12]}" for f, h in sorted(env["sources"].items())]
+    if env.get("trajectories_sha256"):
+        parts.append(
+            f"{env.get('episodes')} episodes in {env['trajectories']} (sha256 {env['trajectories_sha256'][:12]})"
+        )
+    return "; ".join(parts)

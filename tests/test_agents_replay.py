@@ -144,7 +144,7 @@ def test_to_sft_rows_keep_the_policy_mask_validate_and_carry_provenance(tmp_path
         assert ex.input_ids == ids
         assert ex.targets == [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])] + [IGNORE_INDEX]
     card = (tmp_path / "sft.DATA_CARD.md").read_text()
-    assert "| not passed (or masked) | 4 | 2 |" in card and "verifier" in card
+    assert "| not passed (or masked) | 4 | 2 |" in card and "| non-canonical sampled tokens | 2 | 0 |" in card
     capsys.readouterr()
     assert main(["data", "validate", str(out), "--kind", "sft"]) == 0
 

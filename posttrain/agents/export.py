@@ -6,7 +6,9 @@
 SFT rows are ``{"messages", "tools", "provenance"}``: the episode's conversation (opening, assistant turns,
 tool results as rendered after truncation) and its tools. SFT renders them with the same chat template, so
 the loss falls on the assistant turns only, the positions the episode's policy mask marks; tool turns are
-unmasked context (``tests/test_agents_replay.py`` checks it token by token).
+unmasked context (``tests/test_agents_replay.py`` checks it token by token). An episode that ends on an
+observation (``guess``: the last reply stays in the transcript) has the next turn's generation header at
+its end; the row stops at the tool message, one header shorter, with no policy token in between.
 
 Preference rows are text rows ``{"prompt", "chosen", "rejected", "provenance"}``: the rendered opening as
 the prompt, and the rendered rest of a passed and of a failed episode of the same task (the same task
@@ -14,7 +16,9 @@ hash) as chosen and rejected. The chat preference schema holds assistant message
 text, and DPO's log-ratios include the environment's tokens of both (identical tool outputs cancel out
 only where the two episodes agree); the data card says so.
 
-Kept: episodes that passed (graded passed, no failure label) and are not masked. Rejected sides: failed
+Kept: episodes that passed (graded passed, no failure label) and are not masked; for SFT, also only those
+whose sampled ids are the canonical tokenization of their text (``verification.retokenized == 0``):
+for the others the chat row would train a different tokenization of the same text than the policy's. Rejected sides: failed
 episodes that are not masked (an infra, data or drift failure says nothing about the policy). Every row
 carries ``provenance``: run, step, episode index, task id and hash, environment and version, grade.
 """
@@ -53,14 +57,21 @@ def provenance(r: Record, run: str) -> dict:
 def sft_rows(records: list[Record], run: str) -> tuple[list[dict], list[tuple[str, int]]]:
     """SFT rows of the passed episodes, and the filters with the rows each removed."""
     kept = [r for r in records if passed(r)]
-    rows, empty = [], 0
+    rows, empty, retokenized = [], 0, 0
     for r in kept:
+        if (r.episode.verification or {}).get("retokenized", 0):
+            retokenized += 1  # SFT would train the canonical tokens of the text, not the ones sampled
+            continue
         messages = r.episode.messages()
         if any(m["role"] == "assistant" and not str(m.get("content", "")).strip() for m in messages):
             empty += 1  # an empty assistant turn would train the model to say nothing
             continue
         rows.append({"messages": messages, "tools": r.episode.tools, "provenance": provenance(r, run)})
-    return rows, [("not passed (or masked)", len(records) - len(kept)), ("an empty assistant turn", empty)]
+    filters = [
+        ("not passed (or masked)", len(records) - len(kept)),
+        ("non-canonical sampled tokens", retokenized),
+    ]
+    return rows, filters + [("an empty assistant turn", empty)]
 
 
 def _rest(r: Record) -> str:

@@ -11,13 +11,12 @@ task rows of a run; every problem a clear error at load or start-up, before any 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 from posttrain.agents.env import TaskError
 from posttrain.agents.envs import get_env
 from posttrain.agents.formats import FORMATS
 from posttrain.agents.runner import Budgets
+from posttrain.data.io import read_rows
 from posttrain.errors import ConfigError, DataError, unknown
 
 
@@ -90,25 +89,11 @@ def task_rows(env, paths: list[str], *, split: str) -> list[dict]:
     fields = tuple(getattr(cls, "fields", ()))
     rows, errors = [], []
     for path in paths:
-        p = Path(path)
-        if not p.is_file():
-            raise DataError(f"{path}: task file not found")
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path}:{n}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                errors.append(f"{path}:{n}: a task row must be an object, got {type(row).__name__}")
-                continue
+        for loc, row in read_rows(path):  # any data format; a missing file or a bad line names file and line
             missing = [f for f in fields if f not in row]
             if missing:
                 errors.append(
-                    f"{path}:{n}: field {missing[0]!r} missing (environment {env.name!r} needs "
-                    f"{', '.join(fields)})"
+                    f"{loc}: field {missing[0]!r} missing (environment {env.name!r} needs {', '.join(fields)})"
                 )
                 continue
             rows.append(row)

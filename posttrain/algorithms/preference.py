@@ -100,7 +100,15 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Objective:
-    """Preference loss over pairs. weight = pairs in the micro-batch."""
+    """The DPO family's loss of one micro-batch of P pairs, summed over pairs (the loop divides once by the
+    step's pairs):
+
+        preference_loss(kind, log pi(y_c), log pi(y_r), log pi_ref(y_c), log pi_ref(y_r))    [P], summed
+      + sft_weight * the chosen completions' mean NLL per token (RPO / ORPO's likelihood term)
+
+    Shapes: the batch holds 2P sequences, chosen 0..P-1 then rejected P..2P-1; `*_logps` are summed log-probs
+    per sequence ([2P]), the reference ones computed once by `prepare`. The metrics are pair sums: implicit
+    rewards beta * (log pi - log pi_ref) of chosen and rejected, their margin, accuracy (margin > 0)."""
 
     def __init__(self, cfg):
         self.opts = cfg.dpo
@@ -123,26 +131,27 @@ class Objective:
             examples[i].ref = refs[i]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        o, p = self.opts, batch["num_pairs"]
-        logps, lengths = sequence_logps(model, batch)
-        ref = batch.get("ref_logps")
-        if self.needs_ref and ref is None:
+        opts, P = self.opts, batch["num_pairs"]
+        logps_2P, lengths_2P = sequence_logps(model, batch)
+        chosen, rejected = logps_2P[:P], logps_2P[P:]
+        ref_2P = batch.get("ref_logps")
+        if self.needs_ref and ref_2P is None:
             raise RuntimeError("reference log-probs missing: Objective.prepare was not run")
-        ref_c, ref_r = (ref[:p], ref[p:]) if self.needs_ref else (None, None)
-        losses = preference_loss(
-            o.kind, logps[:p], logps[p:], ref_c, ref_r, beta=o.beta,
-            **o.kind_options(chosen_lengths=lengths[:p], rejected_lengths=lengths[p:]),
-        )  # fmt: skip
-        loss = losses.sum()
-        if o.sft_weight:
+        ref_chosen, ref_rejected = (ref_2P[:P], ref_2P[P:]) if self.needs_ref else (None, None)
+        length_options = opts.kind_options(chosen_lengths=lengths_2P[:P], rejected_lengths=lengths_2P[P:])
+        losses_P = preference_loss(
+            opts.kind, chosen, rejected, ref_chosen, ref_rejected, beta=opts.beta, **length_options
+        )
+        loss = losses_P.sum()
+        if opts.sft_weight:
             # RPO / ORPO's likelihood term: mean NLL per token of the chosen completion.
-            loss = loss + o.sft_weight * (-logps[:p] / lengths[:p]).sum()
-        r_c, r_r = preference_rewards(logps[:p], logps[p:], ref_c, ref_r, beta=o.beta)
+            loss = loss + opts.sft_weight * (-chosen / lengths_2P[:P]).sum()
+        r_c, r_r = preference_rewards(chosen, rejected, ref_chosen, ref_rejected, beta=opts.beta)
         return loss, {
             "rewards/chosen": r_c.sum(),
             "rewards/rejected": r_r.sum(),
             "rewards/accuracy": (r_c > r_r).float().sum(),
             "rewards/margin": (r_c - r_r).sum(),
-            "logps/chosen": logps[:p].detach().sum(),
-            "logps/rejected": logps[p:].detach().sum(),
+            "logps/chosen": chosen.detach().sum(),
+            "logps/rejected": rejected.detach().sum(),
         }

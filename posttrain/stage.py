@@ -122,21 +122,23 @@ def _runs_code(spec) -> bool:
 
 
 def online_models(cfg: RunConfig, algo, accelerator):
-    """(the trained module: the policy, with its critic for PPO; the frozen reference on the device when there
-    is a KL term, else None)."""
+    """(the trained module: the policy, with its critic for PPO; the frozen reference on the device when the
+    algorithm has one (`algo.reference`: a KL term, online DPO), else None)."""
     from posttrain.models import load_model
 
     model = algo.load_model(cfg)
-    reference = None
-    if cfg.rl.kl_coef > 0:
-        reference = load_model(cfg.model.model_copy(update={"lora": None}), trainable=False)
+    reference, reference_cfg = None, algo.reference(cfg)
+    if reference_cfg is not None:
+        reference = load_model(reference_cfg, trainable=False)
         reference.to(accelerator.device)
     return model, reference
 
 
 def model_paths(cfg: RunConfig) -> list[str]:
     """Every model a stage reads, for the manifest: the policy, a DPO reference, PPO's critic."""
-    extra = {"dpo": ("dpo", "ref_model"), "ppo": ("ppo", "critic")}.get(cfg.algorithm)
+    extra = {"dpo": ("dpo", "ref_model"), "online_dpo": ("dpo", "ref_model"), "ppo": ("ppo", "critic")}.get(
+        cfg.algorithm
+    )
     path = getattr(getattr(cfg, extra[0]), extra[1]) if extra else None
     return [cfg.model.path] + ([path] if path else [])
 

@@ -105,7 +105,8 @@ def test_an_option_the_kind_does_not_take_is_an_error_naming_what_it_takes():
 
 @pytest.mark.parametrize(
     "algorithm, section, users",
-    [("sft", "rl", "cispo, dapo, distill, dr_grpo, grpo, gspo, ppo, reinforce_pp, rloo"), ("sft", "dpo", "dpo, orpo, simpo"),
+    [("sft", "rl", "cispo, dapo, distill, dr_grpo, grpo, gspo, online_dpo, ppo, reinforce_pp, rloo"),
+     ("sft", "dpo", "dpo, online_dpo, orpo, simpo"),
      ("grpo", "kto", "kto"), ("dpo", "rollout", "cispo, dapo, distill, dr_grpo")],
 )  # fmt: skip
 def test_a_section_of_another_algorithm_is_an_error(algorithm, section, users):

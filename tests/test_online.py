@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from posttrain import algorithms
 from posttrain.config import load_config
 from posttrain.engine.run import read_metrics
 from posttrain.errors import DataError
@@ -193,7 +194,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(task, tmp_path):
         tokenizer=Tok(),
         engine=_Engine(),
         reward=combine({"r": reward}),
-        algo=None,
+        algo=algorithms.get(cfg.algorithm),
         accelerator=type("A", (), {"num_processes": 1, "process_index": 0})(),
     )
     src.prompt_texts = [str(i) for i in range(100)]

@@ -31,6 +31,11 @@ the loss mask, values when the algorithm has a critic); the algorithm only says:
                                (Dr. GRPO's constant: max_new_tokens, an episode's budget for agents)
     VALUES = True              optional; the trained module has a critic: the source asks `forward` for
                                the values of each rollout (PPO's old values)
+    WHOLE_GROUPS = True        optional; minibatches and micro-batches hold whole groups of group_size
+                               samples, in order (online DPO's pairs); default: samples are shuffled singly
+    reference(cfg) -> ModelConfig | None                    optional; the frozen reference model the source
+                               scores every rollout with (`ref_logps`); default: the policy as loaded when
+                               rl.kl_coef > 0, else none
     load_model(cfg), save_final(...)                        optional, as offline
     policy(model) -> the causal LM the engine samples from  optional; default: the model itself
 
@@ -63,6 +68,7 @@ ONLINE = {
     ),
     "ppo": "posttrain.algorithms.ppo",
     "distill": "posttrain.algorithms.distill",
+    "online_dpo": "posttrain.algorithms.online_dpo",
 }
 
 
@@ -72,6 +78,11 @@ def _load_model(cfg):
 
 def _the_model(model):
     return model
+
+
+def _kl_reference(cfg):
+    """The KL term's reference: the policy as loaded (without its LoRA adapter), when rl.kl_coef > 0."""
+    return cfg.model.model_copy(update={"lora": None}) if cfg.rl.kl_coef > 0 else None
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,8 @@ class Online:
     save_final: Callable = save_final
     policy: Callable = _the_model
     kind: str = "prompt"
+    whole_groups: bool = False
+    reference: Callable = _kl_reference
 
 
 def from_module(name: str, module, *, online: bool) -> Offline | Online:
@@ -108,7 +121,7 @@ def from_module(name: str, module, *, online: bool) -> Offline | Online:
     missing = [hook for hook in required if not hasattr(module, hook)]
     if missing:
         raise ConfigError(f"algorithm {name!r} ({module.__name__}) lacks {', '.join(missing)}")
-    optional = ("load_model", "save_final") + (("policy",) if online else ("collate",))
+    optional = ("load_model", "save_final") + (("policy", "reference") if online else ("collate",))
     hooks = {hook: getattr(module, hook) for hook in optional if hasattr(module, hook)}
     if online:
         return Online(
@@ -117,6 +130,7 @@ def from_module(name: str, module, *, online: bool) -> Offline | Online:
             module.advantages,
             module.Objective,
             getattr(module, "VALUES", False),
+            whole_groups=getattr(module, "WHOLE_GROUPS", False),
             **hooks,
         )
     return Offline(name, module.KIND, module.encode, module.Objective, **hooks)

@@ -131,27 +131,35 @@ class Objective:
             examples[i].ref = refs[i]
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        opts, P = self.opts, batch["num_pairs"]
+        P = batch["num_pairs"]
         logps_2P, lengths_2P = sequence_logps(model, batch)
         chosen, rejected = logps_2P[:P], logps_2P[P:]
         ref_2P = batch.get("ref_logps")
         if self.needs_ref and ref_2P is None:
             raise RuntimeError("reference log-probs missing: Objective.prepare was not run")
         ref_chosen, ref_rejected = (ref_2P[:P], ref_2P[P:]) if self.needs_ref else (None, None)
-        length_options = opts.kind_options(chosen_lengths=lengths_2P[:P], rejected_lengths=lengths_2P[P:])
-        losses_P = preference_loss(
-            opts.kind, chosen, rejected, ref_chosen, ref_rejected, beta=opts.beta, **length_options
-        )
-        loss = losses_P.sum()
-        if opts.sft_weight:
-            # RPO / ORPO's likelihood term: mean NLL per token of the chosen completion.
-            loss = loss + opts.sft_weight * (-chosen / lengths_2P[:P]).sum()
-        r_c, r_r = preference_rewards(chosen, rejected, ref_chosen, ref_rejected, beta=opts.beta)
-        return loss, {
-            "rewards/chosen": r_c.sum(),
-            "rewards/rejected": r_r.sum(),
-            "rewards/accuracy": (r_c > r_r).float().sum(),
-            "rewards/margin": (r_c - r_r).sum(),
-            "logps/chosen": chosen.detach().sum(),
-            "logps/rejected": rejected.detach().sum(),
-        }
+        lengths = lengths_2P[:P], lengths_2P[P:]
+        return pair_objective(self.opts, chosen, rejected, ref_chosen, ref_rejected, *lengths)
+
+
+def pair_objective(opts, chosen_P, rejected_P, ref_chosen_P, ref_rejected_P, chosen_len_P, rejected_len_P):
+    """(the summed loss of P pairs, its metric sums) from their summed log-probs [P] and completion lengths
+    in tokens [P], by the `dpo` section `opts`: what `Objective` computes once the forward is done, shared
+    with online DPO (algorithms/online_dpo.py). The reference log-probs are None for reference-free kinds."""
+    length_options = opts.kind_options(chosen_lengths=chosen_len_P, rejected_lengths=rejected_len_P)
+    losses_P = preference_loss(
+        opts.kind, chosen_P, rejected_P, ref_chosen_P, ref_rejected_P, beta=opts.beta, **length_options
+    )
+    loss = losses_P.sum()
+    if opts.sft_weight:
+        # RPO / ORPO's likelihood term: mean NLL per token of the chosen completion.
+        loss = loss + opts.sft_weight * (-chosen_P / chosen_len_P).sum()
+    r_c, r_r = preference_rewards(chosen_P, rejected_P, ref_chosen_P, ref_rejected_P, beta=opts.beta)
+    return loss, {
+        "rewards/chosen": r_c.sum(),
+        "rewards/rejected": r_r.sum(),
+        "rewards/accuracy": (r_c > r_r).float().sum(),
+        "rewards/margin": (r_c - r_r).sum(),
+        "logps/chosen": chosen_P.detach().sum(),
+        "logps/rejected": rejected_P.detach().sum(),
+    }

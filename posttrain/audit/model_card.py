@@ -74,7 +74,10 @@ FAMILY_KEYS = {
     "data": ("bundled", "files", "rows", "levels", "seed"),
     "eval": ("suite", "model", "against"),
 }  # fmt: skip
-ONLINE_ALGORITHMS = ("grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp", "ppo", "distill")
+ONLINE_ALGORITHMS = (
+    "grpo", "dr_grpo", "dapo", "cispo", "gspo", "rloo", "reinforce_pp", "ppo", "distill", "online_dpo",
+)  # fmt: skip
+FAMILY_KEYS["online_dpo"] = FAMILY_KEYS["online"] + FAMILY_KEYS["dpo"]  # its own family: both sections
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -124,7 +127,8 @@ def key_hyperparameters(config: Mapping) -> dict[str, Any]:
         keys = FAMILY_KEYS[algorithm]
     else:
         family = (
-            "online" if algorithm in ONLINE_ALGORITHMS
+            algorithm if algorithm in FAMILY_KEYS
+            else "online" if algorithm in ONLINE_ALGORITHMS
             else "dpo" if algorithm in ("dpo", "orpo", "simpo")
             else algorithm
         )  # fmt: skip

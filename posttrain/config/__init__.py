@@ -39,6 +39,7 @@ from posttrain.config.online import (
     ONLINE,
     ONLINE_TRAIN_DEFAULTS,
     RL_PRESETS,
+    ROLLOUT_PRESETS,
     DistillOptions,
     EnvConfig,
     GroupRLOptions,
@@ -68,6 +69,7 @@ __all__ = [
     "ONLINE",
     "ONLINE_TRAIN_DEFAULTS",
     "OWN_SECTIONS",
+    "OnlineDPORun",
     "OnlineRun",
     "PPOOptions",
     "PPORun",
@@ -76,6 +78,7 @@ __all__ = [
     "PreferenceRun",
     "RLOptions",
     "RL_PRESETS",
+    "ROLLOUT_PRESETS",
     "RUN_TYPES",
     "RewardOptions",
     "RewardRun",
@@ -131,7 +134,7 @@ class RunConfig(Section):
             raw = {"data": {"train": []}, **raw}
             if isinstance(raw.get("rl", {}), dict) and "rewards" not in raw.get("rl", {}):
                 raw["rl"] = {**raw.get("rl", {}), "rewards": []}
-        presets = [("dpo", PREFERENCE_PRESETS.get(algorithm))]
+        presets = [("dpo", PREFERENCE_PRESETS.get(algorithm)), ("rollout", ROLLOUT_PRESETS.get(algorithm))]
         if algorithm in RL_PRESETS:
             presets += [("rl", RL_PRESETS[algorithm]), ("train", ONLINE_TRAIN_DEFAULTS)]
         for name, preset in presets:
@@ -197,6 +200,36 @@ class DistillRun(RolloutRun):
     distill: DistillOptions
 
 
+class OnlineDPORun(RolloutRun):
+    """Online DPO (algorithms/online_dpo.py): a pair of the policy's own samples per prompt, ordered by the
+    rewards of `rl.rewards`, trained with a `dpo` kind against a frozen reference (`dpo.ref_model`, default the
+    policy as loaded). `rl` gives the rewards, epochs, minibatches and dynamic sampling (which replaces tied
+    pairs); its clip and KL options are the GRPO family's and do not apply (dpo.beta is the KL strength)."""
+
+    algorithm: Literal["online_dpo"]
+    rl: RLOptions = RLOptions()
+    dpo: PreferenceOptions = PreferenceOptions()
+
+    @model_validator(mode="after")
+    def _pairs(self) -> OnlineDPORun:
+        micro, G = self.train.micro_batch_size, self.rollout.group_size
+        if G != 2:
+            raise ValueError(f"online_dpo: rollout.group_size must be 2 (one pair per prompt), got {G}")
+        if micro is not None and micro % 2:
+            raise ValueError(
+                f"online_dpo: train.micro_batch_size ({micro}) must be even: a pair is never split"
+            )
+        if self.rl.kl_coef > 0:
+            raise ValueError(
+                "online_dpo: rl.kl_coef is the GRPO family's and PPO's; dpo.beta is the KL strength"
+            )
+        if self.env is not None:
+            raise ValueError(
+                "online_dpo trains on prompts; agent episodes (env) are the GRPO family's and PPO's"
+            )
+        return self
+
+
 class PPORun(RolloutRun):
     algorithm: Literal["ppo"]
     rl: RLOptions = RLOptions()
@@ -211,6 +244,7 @@ RUN_TYPES: dict[str, type[RunConfig]] = {
     **dict.fromkeys(GROUP_RL, OnlineRun),
     "ppo": PPORun,
     "distill": DistillRun,
+    "online_dpo": OnlineDPORun,
 }
 # The sections an algorithm reads besides the common ones, from its run type.
 OWN_SECTIONS: dict[str, tuple[str, ...]] = {

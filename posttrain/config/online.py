@@ -241,6 +241,10 @@ RL_PRESETS: dict[str, dict] = {
     # On-policy distillation (algorithms/distill.py): the student samples, the teacher scores; the `distill`
     # section. A verifiable reward, if mixed in, uses group advantages.
     "distill": {"advantage": "group", "scale": "std", "aggregation": "token_mean"},
+    # Guo et al. 2024 (Direct Language Model Alignment from Online AI Feedback): two samples of the policy per
+    # prompt, ordered by the rewards, trained with a `dpo` kind against a frozen reference
+    # (algorithms/online_dpo.py); the `rl` section gives the rewards and the passes, its clip and KL do not apply.
+    "online_dpo": {},
     # Ahmadian et al. 2024: leave-one-out baseline.
     "rloo": {"advantage": "rloo", "aggregation": "token_mean"},
     # Hu 2025: batch-normalised advantages, token KL in the reward.
@@ -249,7 +253,9 @@ RL_PRESETS: dict[str, dict] = {
     "ppo": {"kl_in_reward": True, "kl_coef": 0.05, "epochs": 2, "minibatches": 2},
 }  # fmt: skip
 ONLINE = tuple(RL_PRESETS)
-GROUP_RL = tuple(a for a in ONLINE if a not in ("ppo", "distill"))
+GROUP_RL = tuple(a for a in ONLINE if a not in ("ppo", "distill", "online_dpo"))
+# What an algorithm implies of the `rollout` section: online DPO samples one pair per prompt.
+ROLLOUT_PRESETS: dict[str, dict] = {"online_dpo": {"group_size": 2}}
 # Online defaults of the loop: Adam's beta2 0.999 reacts too slowly to the sudden gradient-scale changes of
 # RL and can collapse the policy (seen with TRL's defaults on the bundled task); 0.99 and a constant lr.
 ONLINE_TRAIN_DEFAULTS = {"betas": (0.9, 0.99), "schedule": "constant"}

@@ -71,7 +71,8 @@ class RolloutSource:
             (when `algo.values`), its pure `advantages(rollout, cfg, kl_coef)` the advantages.
         accelerator: for the device and cross-process reductions.
         samples_path: where to append samples.jsonl (main process), or None.
-        reference: a frozen reference model when rl.kl_coef > 0 (None: no KL).
+        reference: the algorithm's frozen reference model (`algo.reference`; None: none), which scores
+            every rollout (`ref_logps`).
         encoded: `encode_prompts(tokenizer, [row["prompt"] for row in rows])` (data/templates.py) when the
             caller has it already.
     """
@@ -114,9 +115,10 @@ class RolloutSource:
         self.prompt_texts, self.prompt_ids = encoded or encode_prompts(tokenizer, [r["prompt"] for r in rows])
         self.steps_per_rollout = self.rl.epochs * self.rl.minibatches
         samples = self.local_prompts * self.ro.group_size
-        if samples < self.rl.minibatches:
+        units = (self.local_prompts, "groups") if algo.whole_groups else (samples, "samples")
+        if units[0] < self.rl.minibatches:
             raise TrainingError(
-                f"{samples} samples per process cannot fill {self.rl.minibatches} minibatches"
+                f"{units[0]} {units[1]} per process cannot fill {self.rl.minibatches} minibatches"
             )
         rollouts = cfg.train.max_steps and math.ceil(cfg.train.max_steps / self.steps_per_rollout)
         rollouts = rollouts or math.ceil(cfg.train.epochs * len(rows) / self.ro.prompts_per_step)
@@ -360,8 +362,12 @@ class RolloutSource:
         return self._steps(buffer, metrics)
 
     def _steps(self, buffer: RolloutBuffer, metrics: dict) -> list[Step]:
-        """epochs x minibatches optimiser steps over the rollout, each cut into micro-batches."""
-        N, micro = len(buffer), self.cfg.train.micro_batch_size or len(buffer)
+        """epochs x minibatches optimiser steps over the rollout, each cut into micro-batches. The units shuffled
+        and cut are samples, or whole groups in order when the algorithm asks (`algo.whole_groups`: online
+        DPO's pairs), the micro-batch size then a multiple of the group size (checked by its run type)."""
+        micro = self.cfg.train.micro_batch_size or len(buffer)
+        G = buffer.group_size if self.algo.whole_groups else 1
+        N = len(buffer) // G  # units
         lengths = [len(p) + len(c.token_ids) for p, c in zip(buffer.prompt_ids, buffer.completions)]
         steps = []
         for epoch in range(self.rl.epochs):
@@ -373,7 +379,10 @@ class RolloutSource:
             size = math.ceil(N / self.rl.minibatches)
             for m in range(self.rl.minibatches):
                 # by prompt length (less padding), samples of one prompt kept together (shared prompts)
-                mini = sorted(order[m * size : (m + 1) * size], key=lambda i: (len(buffer.prompt_ids[i]), i))
+                units = sorted(
+                    order[m * size : (m + 1) * size], key=lambda u: (len(buffer.prompt_ids[u * G]), u)
+                )
+                mini = [u * G + k for u in units for k in range(G)]
                 batches = [buffer.batch(mini[j : j + micro], self.pad_id) for j in range(0, len(mini), micro)]
                 steps.append(Step(micro=batches, tokens=sum(lengths[i] for i in mini), metrics=metrics))
         return steps

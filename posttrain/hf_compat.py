@@ -57,6 +57,31 @@ def output_cache(out):
     return out["cache"] if "cache" in out else out.get("past_key_values")
 
 
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """(keys, values), each [B, H, L, D], of every layer of a plain `DynamicCache` whose layers all attend
+    to the whole past, else None: a sliding window, a linear-attention state, a quantized or static cache
+    cannot be cut into rows and joined again (turn carry-over is then off for that model)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if type(cache) is not DynamicCache:
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A `DynamicCache` holding these (keys, values) per layer (as `cache_layers` gives them)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (keys, values) in enumerate(layers):
+        cache.update(keys, values, i)
+    return cache
+
+
 def enable_activation_checkpointing(model) -> None:
     """Activation (gradient) checkpointing, non-reentrant, by whichever name the model has."""
     kwargs = {"use_reentrant": False}

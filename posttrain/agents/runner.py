@@ -12,6 +12,9 @@ out of the next wave. At the end every episode is graded on the environment's st
 its ids are checked against a full render of its conversation, and it gets one failure label and the
 loss policy's verdict (``failures.py``).
 
+A turn's prompt extends the last one by its sampled and bridge tokens, so with an engine that can (the HF
+engine) each episode's KV cache is carried between turns (``rollout.turn_cache``; ``kv_carry=False``: not).
+
 Every way an episode ends is a named stop reason (``failures.STOP_LABELS``): the environment said done,
 no action, a forged observation, a repeated call, or one of the budgets (:class:`Budgets`). Nothing an
 environment, a tool, the grader or the engine raises crashes the batch: it becomes an ``infra.*`` (or
@@ -35,6 +38,7 @@ from posttrain.agents.threads import call_all
 from posttrain.agents.trajectory import Episode, Turn, task_hash
 from posttrain.errors import ConfigError
 from posttrain.rollout.engine import Completion, Sampling
+from posttrain.rollout.turn_cache import TurnCache
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,7 @@ class EpisodeRunner:
         verify: "mask" (drift is labelled ``tokenization.drift`` and masked), "warn" (logged only) or
             "strict" (raises :class:`DriftError`).
         loss_policy: overrides of ``failures.LOSS_POLICY``.
+        kv_carry: carry each episode's KV cache across its turns where the engine can (module docstring).
 
     Raises:
         ConfigError: unknown format or verify mode, a template without a tool turn, a budget that
@@ -135,6 +140,7 @@ class EpisodeRunner:
         sampling: Sampling | None = None,
         verify: str = "mask",
         loss_policy: dict | None = None,
+        kv_carry: bool = True,
     ):
         self.tokenizer = tokenizer
         self.format = get_format(tool_format)
@@ -158,6 +164,8 @@ class EpisodeRunner:
         )
         self.eos_ids = {tokenizer.eos_token_id}
         self.seconds: dict[str, float] = {}  # wall time of the last run: generate, tools, grade
+        self.kv_carry = kv_carry
+        self.kv_stats: dict[str, int] = {}  # the last run's TurnCache.stats (empty without carry-over)
 
     # --- the batch ------------------------------------------------------------------------
 
@@ -185,19 +193,23 @@ class EpisodeRunner:
             for k in range(group_size)
         ]
         self.seconds = {"generate": 0.0, "tools": 0.0, "grade": 0.0}
+        carry = TurnCache() if self.kv_carry and getattr(policy, "carries_kv", False) else None
         clock = time.perf_counter()
         self._reset(states)
         self.seconds["tools"] += time.perf_counter() - clock
         wave = 0
         while active := [s for s in states if s.stop is None]:
             clock = time.perf_counter()
-            self._generate(policy, active, wave)
+            self._generate(policy, active, wave, carry)
             stepping = [(s, a) for s in active if s.stop is None and (a := s.scratch.pop("action", None))]
             self.seconds["generate"] += time.perf_counter() - clock
             clock = time.perf_counter()
             self._step(stepping)
             self.seconds["tools"] += time.perf_counter() - clock
+            if carry is not None:  # episodes out of the next waves free their caches now
+                carry.keep_only({s.episode.index for s in states if s.stop is None})
             wave += 1
+        self.kv_stats = {} if carry is None else dict(carry.stats)
         clock = time.perf_counter()
         self._finish(states)
         self.seconds["grade"] += time.perf_counter() - clock
@@ -254,7 +266,9 @@ class EpisodeRunner:
 
     # --- one wave -------------------------------------------------------------------------
 
-    def _generate(self, policy, active: list[EpisodeState], wave: int) -> None:
+    def _generate(
+        self, policy, active: list[EpisodeState], wave: int, carry: TurnCache | None = None
+    ) -> None:
         sampling = (
             self.sampling
             if self.sampling.seed is None
@@ -265,7 +279,9 @@ class EpisodeRunner:
             if hasattr(policy, "act"):
                 completions = policy.act(active, sampling)
             else:
-                completions = [g[0] for g in policy.generate([s.context for s in active], 1, sampling)]
+                contexts = [s.context for s in active]
+                kv = {} if carry is None else {"carry": carry, "keys": [s.episode.index for s in active]}
+                completions = [g[0] for g in policy.generate(contexts, 1, sampling, **kv)]
             if len(completions) != len(active):
                 raise RuntimeError(f"{len(completions)} completions for {len(active)} episodes")
         except Exception as e:  # the engine broke: not the policy's doing; the batch goes on without it

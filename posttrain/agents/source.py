@@ -305,6 +305,7 @@ def make_runner(cfg, tokenizer, *, greedy: bool = False) -> EpisodeRunner:
         sampling=sampling,
         verify=cfg.env.verify,
         loss_policy=cfg.env.loss_policy or None,
+        kv_carry=cfg.env.kv_carry,
     )
 
 

@@ -214,6 +214,11 @@ class EnvConfig(Section):
     weight: float = Field(
         1.0, description="Weight of the environment's grade in the reward (component 'env')."
     )
+    kv_carry: bool = Field(
+        True,
+        description="Keep each episode's KV cache between its turns and prefill only the new tokens (HF engine; "
+        "the same numbers as re-prefilling the conversation every turn, less work). false: re-prefill.",
+    )
     credit: dict[str, Any] = Field(
         default_factory=dict,
         description="Per-turn credit (posttrain.agents.credit): {mode: trajectory|discounted|anchor, gamma, "

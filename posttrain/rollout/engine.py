@@ -120,6 +120,7 @@ class HFEngine:
     """
 
     exact_logprobs = True
+    carries_kv = True  # generate(..., carry=TurnCache, keys=...) keeps caches between turns (turn_cache.py)
 
     def __init__(self, model, tokenizer, *, batch_size: int | None = None):
         self.model = model
@@ -129,6 +130,7 @@ class HFEngine:
         self._compact = True  # drop finished rows from the batch (off if the model's cache cannot)
         self.eos = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.prefill_tokens = 0  # prompt tokens prefilled so far (padding not counted)
 
     @classmethod
     def copy_of(cls, model, tokenizer, **kw) -> HFEngine:
@@ -143,11 +145,18 @@ class HFEngine:
         self.policy_version = version
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], n: int, sampling: Sampling) -> list[list[Completion]]:
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: Sampling, *, carry=None, keys=None
+    ) -> list[list[Completion]]:
+        """n completions of each prompt. With ``carry`` (a ``turn_cache.TurnCache``) and one key per prompt
+        (n = 1), a prompt that extends the tokens cached under its key prefills only the new tokens, and
+        each row's cache is kept under its key for the next turn."""
         if not prompt_ids:
             return []
         if any(len(p) == 0 for p in prompt_ids):
             raise ValueError("an empty prompt cannot be continued (give it at least a bos token)")
+        if carry is not None and (n != 1 or keys is None or len(keys) != len(prompt_ids)):
+            raise ValueError("carry needs n = 1 and one key per prompt")
         # Each prompt is prefilled once and its keys / values shared by its n samples.
         per_batch = max(1, (self.batch_size or len(prompt_ids) * n) // n)
         # Sort by length so that each batch wastes little on padding; restore the order after.
@@ -161,7 +170,10 @@ class HFEngine:
         try:
             for start in range(0, len(order), per_batch):
                 batch = order[start : start + per_batch]
-                samples = self._sample([prompt_ids[i] for i in batch], n, sampling, generator)
+                batch_keys = None if carry is None else [keys[i] for i in batch]
+                samples = self._sample(
+                    [prompt_ids[i] for i in batch], n, sampling, generator, carry, batch_keys
+                )
                 for j, i in enumerate(batch):
                     done[i] = samples[j * n : (j + 1) * n]
         finally:
@@ -172,22 +184,36 @@ class HFEngine:
     def _device(self):
         return next(self.model.parameters()).device
 
-    def _sample(self, prompts: list[list[int]], n: int, sampling: Sampling, generator) -> list[Completion]:
+    def _sample(
+        self, prompts: list[list[int]], n: int, sampling: Sampling, generator, carry=None, keys=None
+    ) -> list[Completion]:
         """n completions of each prompt, in prompt order. Finished rows leave the batch (and the cache) at
-        once, so a step costs what the rows still running cost."""
+        once, so a step costs what the rows still running cost. With ``carry``, rows start from their
+        cached columns (``TurnCache.past``) and only their new tokens are prefilled."""
         device, P = self._device, len(prompts)
-        width = max(len(p) for p in prompts)
+        past, past_mask_PC, new = None, torch.zeros((P, 0), dtype=torch.long, device=device), prompts
+        if carry is not None:
+            entries, new = carry.split(keys, prompts, self.policy_version)
+            past, past_mask_PC = carry.past(entries, device)
+        width = max(len(p) for p in new)
         ids_PL = torch.full((P, width), self.pad_id, dtype=torch.long)
         mask_PL = torch.zeros((P, width), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding: every row's next token lands in the same column
+        for b, p in enumerate(new):  # left padding: every row's next token lands in the same column
             ids_PL[b, width - len(p) :] = torch.tensor(p)
             mask_PL[b, width - len(p) :] = 1
-        ids_PL, mask_PL = ids_PL.to(device), mask_PL.to(device)
-        pos_PL = (mask_PL.cumsum(-1) - 1).clamp(min=0)
+        ids_PL, mask_PL = ids_PL.to(device), torch.cat([past_mask_PC, mask_PL.to(device)], 1)
+        pos_PL = (mask_PL.cumsum(-1) - 1).clamp(min=0)[:, -width:]  # each row's own positions, past included
         eos = torch.tensor(self.eos, device=device)
+        self.prefill_tokens += sum(len(p) for p in new)
 
         out = forward_last(
-            self.model, 1, input_ids=ids_PL, attention_mask=mask_PL, position_ids=pos_PL, use_cache=True
+            self.model,
+            1,
+            input_ids=ids_PL,
+            attention_mask=mask_PL,
+            position_ids=pos_PL,
+            use_cache=True,
+            **({} if past is None else cache_inputs(self.model, past)),
         )
         cache, logits_BV, mask_BL = output_cache(out), out.logits[:, -1], mask_PL
         if n > 1:
@@ -227,7 +253,13 @@ class HFEngine:
                     token_A[running], rows_A[running], sampling.stop, stopped_by_string, texts
                 )
                 finished_A[running] |= hits
-            if bool(finished_A.all()) or steps == sampling.max_new_tokens:
+            last = bool(finished_A.all()) or steps == sampling.max_new_tokens
+            if carry is not None:  # keep each row's cache as it ends: prompt + sampled tokens but this one
+                for a in ((~done_A if last else finished_A & ~done_A).nonzero().squeeze(1)).tolist():
+                    b = int(rows_A[a])
+                    tokens = prompts[b] + tokens_BT[b, :t].tolist()
+                    carry.keep(keys[b], tokens, cache, a, mask_BL[a], self.policy_version)
+            if last:
                 break
             if bool(finished_A.any()) and self._compact:
                 keep_A = (~finished_A).nonzero().squeeze(1)

@@ -1,9 +1,11 @@
 """`posttrain quickstart`: watch a tiny model learn, on a CPU, in a few minutes.
 
-Stages, each its own run directory under OUT (a finished stage is reused unless --fresh):
+The stages are a pipeline shipped with the package, ``posttrain/pipelines/quickstart.yaml``, run by
+the pipeline runner (:mod:`posttrain.pipeline`): each stage its own run directory under OUT, a
+finished stage reused unless --fresh (or its config changed):
 
-    data/    the bundled arithmetic task written as jsonl (pretraining corpus, SFT rows, held-out set)
-    tiny/    a char-level tokenizer and a random 1M-parameter Llama, built locally
+    data/    the bundled arithmetic task and preference pairs as jsonl, and data/tiny/: a char-level
+             tokenizer and a random 1M-parameter Llama, built locally
     base/    the base model: the tiny model pretrained (briefly, on purpose) on the corpus
     sft/     supervised fine-tuning of the base model on chat rows, loss on the answers only
     reward/  a Bradley-Terry reward model on the bundled gold-scored preference pairs
@@ -11,8 +13,9 @@ Stages, each its own run directory under OUT (a finished stage is reused unless 
     grpo/    GRPO from the SFT model on 2-digit problems against the exact-match reward, held-out
              pass@1 every 100 steps
 
-and a table: held-out exact match per level before and after SFT, the reward model's held-out
-pair accuracy, and DPO against SFT by the gold score of their greedy answers.
+Then the summary (:func:`summarize`, printed by :func:`format_summary`): held-out exact match per
+level before and after SFT and after GRPO, the reward model's held-out pair accuracy, and DPO
+against SFT by the gold score of their greedy answers.
 """
 
 from __future__ import annotations
@@ -20,113 +23,51 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from posttrain.config import (
-    DataConfig,
-    GroupRLOptions,
-    ModelConfig,
-    OnlineRun,
-    PreferenceRun,
-    RewardRun,
-    RolloutConfig,
-    RunConfig,
-    SFTRun,
-    TrainConfig,
-)
+from posttrain.errors import ConfigError
 from posttrain.eval.generation import accuracy_by_level, generate_greedy
+from posttrain.eval.metrics import win_rate as paired_win_rate
+from posttrain.pipeline import STATE, Pipeline, load_pipeline, run_pipeline
 from posttrain.rewards.model import RewardModel
 from posttrain.tasks import arithmetic, preference
-from posttrain.tasks.tiny import build_tiny
-from posttrain.train import train
 
-# The demo task: three levels a 1M-parameter model can learn in minutes on 2 CPU cores.
+# The demo task's levels (the pipeline file's data.levels), and GRPO's (its data.prompt_levels).
 LEVELS = ("add1", "add2", "sub2")
-# GRPO's prompts: the levels SFT leaves unsolved (add1, 100 problems, it already knows: those groups
-# would all score 1 and teach nothing).
 RL_LEVELS = ("add2", "sub2")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per stage. The defaults leave the base model mediocre in the chat format (it met
-    the format in a slice of its corpus only), so SFT has something to show, and keep the whole
-    demo to a few minutes on 2 CPU cores."""
+    """Steps per stage; the defaults are the bundled pipeline file's values (a test holds them equal).
+    They leave the base model mediocre in the chat format (it met the format in a slice of its corpus
+    only), so SFT has something to show, and keep the whole demo to a few minutes on 2 CPU cores."""
 
     base_steps: int = 400
     sft_steps: int = 500
     reward_steps: int = 150
     dpo_steps: int = 200
     grpo_steps: int = 400
-    eval_per_level: int = 200
+    eval_per_level: int = 200  # held-out problems (and pairs) per level in the summary
     rows: int = 20_000  # rows per generated training file
 
-
-def base_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    return SFTRun(
-        algorithm="sft",
-        out=str(out / "base"),
-        model=ModelConfig(path=str(out / "tiny")),
-        data=DataConfig(train=str(data["pretrain"]), max_length=256),
-        train=TrainConfig(
-            lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01, batch_size=64, max_steps=budget.base_steps,
-            warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, save_every=200, log_every=10,
-        ),
-    )  # fmt: skip
+    def overrides(self) -> list[str]:
+        """The budget as the pipeline's ``--set STAGE.key=value`` items."""
+        steps = {"base": self.base_steps, "sft": self.sft_steps, "reward": self.reward_steps}
+        steps |= {"dpo": self.dpo_steps, "grpo": self.grpo_steps}
+        return [f"data.rows={self.rows}"] + [f"{s}.train.max_steps={n}" for s, n in steps.items()]
 
 
-def sft_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    return SFTRun(
-        algorithm="sft",
-        out=str(out / "sft"),
-        model=ModelConfig(path=str(out / "base" / "final")),
-        data=DataConfig(train=str(data["sft_train"]), max_length=128),
-        train=TrainConfig(
-            lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01, batch_size=128, max_steps=budget.sft_steps, warmup_steps=20,
-            schedule="cosine", min_lr_ratio=0.1, save_every=200, log_every=10,
-        ),
-    )  # fmt: skip
+def pipeline_file():
+    """The bundled pipeline file (a Traversable: a path inside an installed package)."""
+    return resources.files("posttrain").joinpath("pipelines", "quickstart.yaml")
 
 
-def reward_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
-    return RewardRun(
-        algorithm="reward",
-        out=str(out / "reward"),
-        model=ModelConfig(path=str(out / "sft" / "final")),
-        data=DataConfig(train=str(pref["pref_train"]), max_length=128),
-        train=TrainConfig(
-            lr=2e-3, batch_size=32, max_steps=budget.reward_steps, warmup_steps=10, log_every=10
-        ),
-    )
-
-
-def dpo_config(out: Path, pref: dict[str, Path], budget: Budget) -> RunConfig:
-    return PreferenceRun(
-        algorithm="dpo",
-        out=str(out / "dpo"),
-        model=ModelConfig(path=str(out / "sft" / "final")),
-        data=DataConfig(train=str(pref["pref_train"]), max_length=128),
-        train=TrainConfig(lr=3e-5, batch_size=64, max_steps=budget.dpo_steps, warmup_steps=10, log_every=10),
-    )
-
-
-def grpo_config(out: Path, data: dict[str, Path], budget: Budget) -> RunConfig:
-    # A low lr and a KL anchor: after SFT these tiny models sit in a sharp minimum, and Adam's first,
-    # sign-like steps at the lr of the reference GRPO script (5e-4; 1e-4 and 2e-4 too) knock held-out
-    # accuracy down to ~10% within 100 steps, from where it does not recover (see the issue notes). From
-    # a start that is not annealed (benchmarks/grpo.py's START) 5e-4 works.
-    return OnlineRun(
-        algorithm="grpo",
-        out=str(out / "grpo"),
-        model=ModelConfig(path=str(out / "sft" / "final")),
-        data=DataConfig(train=str(data["prompts_train"]), eval=str(data["eval"]), max_length=64),
-        rollout=RolloutConfig(prompts_per_step=16, group_size=8, max_new_tokens=6),
-        rl=GroupRLOptions(rewards=["exact_match"], kl_coef=0.05),
-        train=TrainConfig(
-            lr=3e-5, betas=(0.9, 0.99), schedule="constant", max_steps=budget.grpo_steps, log_every=10,
-            eval_every=100, save_every=100,
-        ),
-    )  # fmt: skip
+def quickstart_pipeline(out: str | Path, budget: Budget = Budget()) -> Pipeline:
+    """The quickstart's stages, resolved and validated, writing into `out`."""
+    with resources.as_file(pipeline_file()) as path:
+        return load_pipeline(path, out=out, overrides=budget.overrides())
 
 
 def reward_accuracy(rm_dir: Path, pairs: list[dict]) -> float:
@@ -152,8 +93,8 @@ def gold_scores(model_dir: Path, rows: list[dict]) -> list[float]:
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
-    """Share of prompts where a beats b, ties counting half."""
-    return sum((x > y) + 0.5 * (x == y) for x, y in zip(a, b)) / len(a)
+    """Share of prompts where a beats b, ties counting half (:func:`posttrain.eval.metrics.win_rate`)."""
+    return paired_win_rate(a, b, ties=0.5).rate
 
 
 def level_accuracy(model_dir: Path, rows: list[dict]) -> dict[str, float]:
@@ -169,45 +110,14 @@ def level_accuracy(model_dir: Path, rows: list[dict]) -> dict[str, float]:
     return out
 
 
-def _stage(cfg: RunConfig, fresh: bool):
-    final = Path(cfg.out) / "final"
-    if final.is_dir() and not fresh:
-        print(f"[{Path(cfg.out).name}] reusing {final}")
-        return
-    t0 = time.time()
-    resume = not fresh and (Path(cfg.out) / "checkpoints").is_dir()
-    result = train(cfg, resume=resume, overwrite=not resume)  # no checkpoint: start the stage again
-    if result.interrupted:
-        raise SystemExit(130)
-    print(
-        f"[{Path(cfg.out).name}] {result.step} steps in {time.time() - t0:.0f}s, loss {result.metrics.get('loss', 0):.4f}"
-    )
-
-
-def quickstart(
-    out: str | Path = "runs/quickstart", *, fresh: bool = False, budget: Budget = Budget()
-) -> dict:
-    """Run the demo into `out`; returns (and writes to out/summary.json) the accuracy table."""
+def summarize(out: str | Path, eval_per_level: int = Budget.eval_per_level) -> dict:
+    """The quickstart's numbers, from the final models of its stages in `out`."""
     out = Path(out)
-    t0 = time.time()
-    n = budget.rows
-    data = arithmetic.write_task_files(
-        out / "data", levels=LEVELS, prompt_levels=RL_LEVELS, n_sft=n, n_prompts=n, n_pretrain_docs=n
-    )
-    if fresh or not (out / "tiny" / "config.json").exists():
-        build_tiny(out / "tiny", size="tiny")
-    pref = preference.write_preference_files(out / "data", levels=LEVELS, n_train=n)
-    _stage(base_config(out, data, budget), fresh)
-    _stage(sft_config(out, data, budget), fresh)
-    _stage(reward_config(out, pref, budget), fresh)
-    _stage(dpo_config(out, pref, budget), fresh)
-    _stage(grpo_config(out, data, budget), fresh)
-
-    rows = arithmetic.eval_rows(LEVELS, n_per_level=budget.eval_per_level)
+    rows = arithmetic.eval_rows(LEVELS, n_per_level=eval_per_level)
     before = level_accuracy(out / "base" / "final", rows)
     after = level_accuracy(out / "sft" / "final", rows)
     after_grpo = level_accuracy(out / "grpo" / "final", rows)
-    pairs = preference.preference_eval_rows(LEVELS, n_per_level=budget.eval_per_level)
+    pairs = preference.preference_eval_rows(LEVELS, n_per_level=eval_per_level)
     rm_acc = reward_accuracy(out / "reward" / "final", pairs)
     gold_sft, gold_dpo = gold_scores(out / "sft" / "final", rows), gold_scores(out / "dpo" / "final", rows)
     summary = {
@@ -215,33 +125,49 @@ def quickstart(
         "reward_model_pair_accuracy": rm_acc,
         "gold_score": {"sft": sum(gold_sft) / len(rows), "dpo": sum(gold_dpo) / len(rows)},
         "dpo_win_rate_vs_sft": win_rate(gold_dpo, gold_sft),
-        "seconds": round(time.time() - t0, 1),
     }
+    return summary
+
+
+def format_summary(summary: dict, eval_per_level: int = Budget.eval_per_level) -> str:
+    """The table `posttrain quickstart` prints, of :func:`summarize`'s numbers."""
+    em = summary["held_out_exact_match"]
+    before, after, after_grpo = em["base"], em["sft"], em["grpo"]
+    gold = summary["gold_score"]
+    lines = [
+        f"held-out exact match (up to {eval_per_level} problems per level, greedy)",
+        f"  {'level':<8}{'base':>8}{'sft':>8}{'grpo':>8}",
+        *(f"  {lv:<8}{before[lv]:>8.1%}{after[lv]:>8.1%}{after_grpo[lv]:>8.1%}" for lv in before),
+        "",
+        "stage     metric (held out)                        value",
+        f"  sft     exact match, all levels                {after['all']:>7.1%}   (base {before['all']:.1%})",
+        f"  grpo    exact match, all levels                {after_grpo['all']:>7.1%}   (sft {after['all']:.1%})",
+        f"  reward  pair accuracy (chance 50%)             {summary['reward_model_pair_accuracy']:>7.1%}",
+        f"  dpo     gold score (1 = correct and concise)   {gold['dpo']:>7.3f}   (sft {gold['sft']:.3f})",
+        f"  dpo     win rate vs sft by gold score          {summary['dpo_win_rate_vs_sft']:>7.1%}   (ties count half)",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def quickstart(
+    out: str | Path = "runs/quickstart", *, fresh: bool = False, budget: Budget = Budget()
+) -> dict:
+    """Run the demo into `out`; returns (and writes to out/summary.json) the accuracy table."""
+    out = Path(out)
+    if (out / "tiny").is_dir() and not (out / STATE).exists():
+        raise ConfigError(
+            f"{out} holds an older quickstart's runs (before the quickstart was a pipeline; they cannot be "
+            "reused): delete it or give another --out"
+        )
+    t0 = time.time()
+    run_pipeline(quickstart_pipeline(out, budget), fresh=fresh)  # and a MODEL_CARD.md per stage
+    summary = summarize(out, budget.eval_per_level)
+    summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from posttrain.audit import model_card
     from posttrain.report import write_report
 
-    card = model_card(out / "grpo")
     report = write_report(out)
-
-    print(f"\nheld-out exact match (up to {budget.eval_per_level} problems per level, greedy)")
-    print(f"  {'level':<8}{'base':>8}{'sft':>8}{'grpo':>8}")
-    for lv in before:
-        print(f"  {lv:<8}{before[lv]:>8.1%}{after[lv]:>8.1%}{after_grpo[lv]:>8.1%}")
-    print("\nstage     metric (held out)                        value")
-    print(
-        f"  sft     exact match, all levels                {after['all']:>7.1%}   (base {before['all']:.1%})"
-    )
-    print(
-        f"  grpo    exact match, all levels                {after_grpo['all']:>7.1%}   (sft {after['all']:.1%})"
-    )
-    print(f"  reward  pair accuracy (chance 50%)             {rm_acc:>7.1%}")
-    print(
-        f"  dpo     gold score (1 = correct and concise)   {summary['gold_score']['dpo']:>7.3f}   (sft {summary['gold_score']['sft']:.3f})"
-    )
-    print(
-        f"  dpo     win rate vs sft by gold score          {summary['dpo_win_rate_vs_sft']:>7.1%}   (ties count half)"
-    )
-    print(f"\nruns in {out}/ (base, sft, reward, dpo, grpo); {summary['seconds']:.0f}s in all")
-    print(f"report: {report}\nmodel card: {card}")
+    print("\n" + format_summary(summary, budget.eval_per_level))
+    print(f"\nruns in {out}/ (data, base, sft, reward, dpo, grpo); {summary['seconds']:.0f}s in all")
+    print(f"report: {report}\nmodel card: {out / 'grpo' / 'MODEL_CARD.md'}")
     return summary

@@ -1,9 +1,11 @@
 """What every stage does around its loop, offline, online or agentic: its config checked in full, the result
-it returns, the files of a data spec, its health monitor, its generation engine, its sandbox, final/.
+it returns, the files of a data spec, its health monitor, its generation engine, its sandbox, the loop over a
+rollout source, final/.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +72,42 @@ def finish(result, algo, model, tokenizer, run: Run, accelerator) -> StageResult
         eval_metrics=result.eval_metrics,
         interrupted=result.interrupted,
     )
+
+
+def run_source(
+    cfg: RunConfig,
+    algo,
+    source,
+    *,
+    model,
+    tokenizer,
+    accelerator,
+    run: Run,
+    evaluator,
+    resume: bool,
+    after_close: Callable[[], None] | None = None,
+) -> StageResult:
+    """Train on a rollout source (the online and agent stages): the loop, then the source closed (its
+    engine and workers) and `after_close` called whatever happened, then final/ (:func:`finish`)."""
+    from posttrain.engine.loop import train_loop
+
+    try:
+        result = train_loop(
+            cfg.train,
+            accelerator=accelerator,
+            model=model,
+            objective=algo.Objective(cfg),
+            data=source,
+            evaluator=evaluator,
+            run=run,
+            monitor=build_monitor(cfg, run, accelerator),
+            resume=resume,
+        )
+    finally:
+        source.close()
+        if after_close is not None:
+            after_close()
+    return finish(result, algo, model, tokenizer, run, accelerator)
 
 
 def make_engine(cfg: RunConfig, model, tokenizer, accelerator):

@@ -28,6 +28,7 @@ from posttrain.stage import (
     make_engine,
     online_models,
     record_start,
+    run_source,
     sandbox_for,
 )
 
@@ -331,18 +332,7 @@ def train_online(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False)
     evaluator = None
     if eval_rows:
         evaluator = online_evaluator(cfg, eval_rows, eval_encoded, engine, eval_reward, accelerator)
-    try:
-        result = train_loop(
-            cfg.train,
-            accelerator=accelerator,
-            model=model,
-            objective=algo.Objective(cfg),
-            data=source,
-            evaluator=evaluator,
-            run=run,
-            monitor=build_monitor(cfg, run, accelerator),
-            resume=resume,
-        )
-    finally:
-        source.close()
-    return finish(result, algo, model, tokenizer, run, accelerator)
+    return run_source(
+        cfg, algo, source, model=model, tokenizer=tokenizer, accelerator=accelerator, run=run,
+        evaluator=evaluator, resume=resume,
+    )  # fmt: skip

@@ -17,18 +17,16 @@ from posttrain.agents.audit import env_audit, record_trajectories
 from posttrain.agents.config import task_rows
 from posttrain.agents.source import EnvSource, agent_shares, env_reward, make_runner, passed
 from posttrain.config import RunConfig
-from posttrain.engine.loop import train_loop
 from posttrain.engine.run import Run
 from posttrain.errors import ConfigError
 from posttrain.models import load_tokenizer
 from posttrain.stage import (
     StageResult,
-    build_monitor,
     files,
-    finish,
     make_engine,
     online_models,
     record_start,
+    run_source,
     sandbox_for,
 )
 
@@ -131,19 +129,8 @@ def train_env(cfg: RunConfig, accelerator, run: Run, *, resume: bool = False) ->
     evaluator = None
     if eval_tasks:
         evaluator = env_evaluator(cfg, eval_tasks, engine, tokenizer, source.factory, accelerator)
-    try:
-        result = train_loop(
-            cfg.train,
-            accelerator=accelerator,
-            model=model,
-            objective=algo.Objective(cfg),
-            data=source,
-            evaluator=evaluator,
-            run=run,
-            monitor=build_monitor(cfg, run, accelerator),
-            resume=resume,
-        )
-    finally:
-        source.close()
-        record_trajectories(run)  # the trajectories file's sha256 in the manifest's env block
-    return finish(result, algo, model, tokenizer, run, accelerator)
+    return run_source(
+        cfg, algo, source, model=model, tokenizer=tokenizer, accelerator=accelerator, run=run,
+        evaluator=evaluator, resume=resume,
+        after_close=lambda: record_trajectories(run),  # the trajectories file's sha256 in the manifest's env block
+    )  # fmt: skip

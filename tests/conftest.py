@@ -25,3 +25,11 @@ if _sandbox.unavailable():
 def bpe_chat():
     """A BPE tokenizer trained in the tests, with a ChatML template (tests/chatml.py)."""
     return chatml_tokenizer()
+
+
+@pytest.fixture(params=["bwrap", "process"])
+def backend(request):
+    """Each sandbox backend in turn (test_sandbox*.py): the OS-level one skips, saying why, where it cannot run."""
+    if request.param == "bwrap" and _sandbox.unavailable():
+        pytest.skip(f"no OS-level backend here: {_sandbox.unavailable()}")
+    return request.param

@@ -3,25 +3,17 @@ answers on held-out prompts, measured by generating and scoring (not by reward a
 
 import pytest
 
-from posttrain.quickstart import LEVELS, Budget, base_config, dpo_config, gold_scores, sft_config, win_rate
-from posttrain.tasks import arithmetic, preference
-from posttrain.train import train
+from posttrain.pipeline import run_pipeline
+from posttrain.quickstart import LEVELS, Budget, gold_scores, quickstart_pipeline, win_rate
+from posttrain.tasks import arithmetic
 
 
 @pytest.mark.slow
 def test_dpo_raises_gold_win_rate(tmp_path):
-    from posttrain.tasks.tiny import build_tiny
-
     budget = Budget()
-    n = budget.rows
-    data = arithmetic.write_task_files(
-        tmp_path / "data", levels=LEVELS, n_sft=n, n_prompts=n, n_pretrain_docs=n
-    )
-    pref = preference.write_preference_files(tmp_path / "data", levels=LEVELS, n_train=n)
-    build_tiny(tmp_path / "tiny", size="tiny")
-    for config in (base_config, sft_config):
-        assert train(config(tmp_path, data, budget)).final is not None
-    assert train(dpo_config(tmp_path, pref, budget)).final is not None
+    pipe = quickstart_pipeline(tmp_path, budget)  # the quickstart's stages: data, base, sft, then dpo alone
+    run_pipeline(pipe, until="sft", cards=False)
+    run_pipeline(pipe, only="dpo", cards=False)
 
     rows = arithmetic.eval_rows(LEVELS, n_per_level=budget.eval_per_level)
     sft, dpo = gold_scores(tmp_path / "sft" / "final", rows), gold_scores(tmp_path / "dpo" / "final", rows)

@@ -1,11 +1,31 @@
 """The quickstart: a smoke run on tiny budgets (fast), and the real thing (slow)."""
 
 import json
+from importlib import resources
 
 import pytest
 
 from posttrain.cli import main
-from posttrain.quickstart import LEVELS, Budget, quickstart
+from posttrain.errors import ConfigError
+from posttrain.pipeline import load_pipeline
+from posttrain.quickstart import LEVELS, RL_LEVELS, Budget, pipeline_file, quickstart, quickstart_pipeline
+
+
+def test_the_bundled_pipeline_is_the_quickstart_and_budget_defaults_are_its_values(tmp_path):
+    with resources.as_file(pipeline_file()) as path:
+        as_written = load_pipeline(path, out=tmp_path)
+    pipe = quickstart_pipeline(tmp_path)  # Budget(): its --set items change nothing
+    assert [s.hash for s in pipe.stages] == [s.hash for s in as_written.stages]
+    assert [s.name for s in pipe.stages] == ["data", "base", "sft", "reward", "dpo", "grpo"]
+    data = pipe.stage("data").config
+    assert tuple(data.levels) == LEVELS and tuple(data.prompt_levels) == RL_LEVELS
+    assert pipe.stage("grpo").config.model.path == str(tmp_path / "sft" / "final")
+    small = quickstart_pipeline(tmp_path, Budget(sft_steps=7, rows=50))
+    assert small.stage("sft").config.train.max_steps == 7 and small.stage("data").config.rows == 50
+    assert all(a.hash != b.hash for a, b in zip(small.stages, pipe.stages))  # rows: every stage downstream
+    (tmp_path / "old" / "tiny").mkdir(parents=True)  # an older quickstart's output: its model at OUT/tiny
+    with pytest.raises(ConfigError, match="older quickstart"):
+        quickstart(tmp_path / "old")
 
 
 def test_quickstart_smoke_and_reuse(tmp_path, capsys):
@@ -26,8 +46,8 @@ def test_quickstart_smoke_and_reuse(tmp_path, capsys):
     assert "held-out exact match" in out and "add2" in out
     assert (tmp_path / "report.html").exists() and (tmp_path / "grpo" / "MODEL_CARD.md").exists()
     assert (tmp_path / "grpo" / "samples.jsonl").exists()
-    quickstart(tmp_path, budget=budget)  # finished stages are reused, not re-run
-    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 5
+    quickstart(tmp_path, budget=budget)  # finished stages are reused, not re-run: data and the five models
+    assert out.count("reusing") == 0 and capsys.readouterr().out.count("reusing") == 6
 
 
 @pytest.mark.slow

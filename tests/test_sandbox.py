@@ -6,15 +6,14 @@ explicit ``process`` one.
 """
 
 import json
-import os
 import sys
-import tempfile
 import time
 
 import pytest
+from sandbox_checks import leftover_processes, sandbox_dirs
 
 from posttrain import sandbox
-from posttrain.sandbox import TMP_PREFIX, SandboxUnavailable, WeakSandboxWarning, run_many, run_python
+from posttrain.sandbox import SandboxUnavailable, WeakSandboxWarning, run_many, run_python
 from posttrain.sandbox import bwrap as bwrap_backend
 from posttrain.sandbox.verdicts import decode, evaluate, plan, strict_equal
 
@@ -22,34 +21,6 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only"),
     pytest.mark.filterwarnings("ignore::posttrain.sandbox.WeakSandboxWarning"),
 ]
-
-
-@pytest.fixture(params=["bwrap", "process"])
-def backend(request):
-    if request.param == "bwrap" and sandbox.unavailable():
-        pytest.skip(f"no OS-level backend here: {sandbox.unavailable()}")
-    return request.param
-
-
-def leftover_processes(tag: str) -> list[int]:
-    """Host processes whose command line carries a run's tag (after a short grace for reaping)."""
-    deadline = time.monotonic() + 2.0
-    while True:
-        found = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    if tag.encode() in open(f"{entry.path}/cmdline", "rb").read():
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
-def sandbox_dirs() -> set[str]:
-    return {name for name in os.listdir(tempfile.gettempdir()) if name.startswith(TMP_PREFIX)}
 
 
 # --- verdicts, decided in the parent ------------------------------------------------------------

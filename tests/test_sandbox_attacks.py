@@ -11,14 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
+from sandbox_checks import leftover_processes, sandbox_dirs
 
 from posttrain import sandbox
 from posttrain.rewards import code_tests
-from posttrain.sandbox import TMP_PREFIX, run_python
+from posttrain.sandbox import run_python
 
 pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the sandbox is Linux-only"),
@@ -35,39 +35,12 @@ PROCESS_CANNOT = {
 }
 
 
-@pytest.fixture(params=["bwrap", "process"])
-def backend(request):
-    if request.param == "bwrap" and sandbox.unavailable():
-        pytest.skip(f"no OS-level backend here: {sandbox.unavailable()}")
-    return request.param
-
-
-def leftovers(tag: str) -> list[int]:
-    deadline = time.monotonic() + 2.0
-    while True:
-        found = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                try:
-                    if tag.encode() in open(f"{entry.path}/cmdline", "rb").read():
-                        found.append(int(entry.name))
-                except OSError:
-                    pass
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
-def sandbox_dirs() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith(TMP_PREFIX)}
-
-
 def attack(program: str, backend: str, tests=TESTS, **limits):
     """Run an attack; assert it scored 0 and left nothing behind; return its Result."""
     before = sandbox_dirs()
     r = run_python(program, tests=tests, backend=backend, **limits)
     assert sum(r.tests_passed) == 0 and not r.ok, (r.test_errors, r.violation, r.stderr[-500:])
-    assert leftovers(r.tag) == []
+    assert leftover_processes(r.tag) == []
     assert sandbox_dirs() <= before
     return r
 
@@ -88,7 +61,6 @@ def test_honest_code_scores_one(backend):
 
 def test_code_tests_scores_attacks_zero_and_honest_code_one(backend, monkeypatch):
     monkeypatch.setenv("POSTTRAIN_SANDBOX_BACKEND", backend)
-    from posttrain import sandbox
 
     monkeypatch.setitem(sandbox._state, "backend", backend)
     completions = [f"```python{CORRECT}```", "```python\nimport sys\nsys._getframe(1)\n" + CORRECT + "```"]

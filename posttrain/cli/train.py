@@ -11,13 +11,14 @@ def add_parsers(sub) -> None:
         description="Build a tiny tokenizer and Llama-style model, pretrain it on the bundled arithmetic corpus, "
         "fine-tune it (SFT), train a reward model and DPO on gold-scored preference pairs, run GRPO against "
         "the exact-match reward, and print held-out results of every stage; writes report.html and a model "
-        "card. CPU, a few minutes.",
+        "card per stage. The stages are the bundled pipeline posttrain/pipelines/quickstart.yaml (the same "
+        "runner as 'posttrain pipeline'). CPU, a few minutes.",
     )
     q.add_argument(
         "--out", default="runs/quickstart", help="directory for all runs and data (default: %(default)s)"
     )
     q.add_argument(
-        "--fresh", action="store_true", help="rebuild everything instead of reusing finished stages"
+        "--fresh", action="store_true", help="run every stage again instead of reusing finished ones"
     )
     q.set_defaults(func=_quickstart)
 

@@ -1,7 +1,8 @@
 """Pure loss functions, one idea a file:
 
-- `losses.preference`: sequence-level offline losses on [B] summed log-probs: `reward_loss` (Bradley–Terry),
-  `kto_loss`, and `preference_loss(kind, ...)` for the DPO family (sigmoid, ipo, ..., simpo, orpo).
+- `losses.preference`: `preference_loss(kind, ...)` for the DPO family (sigmoid, ipo, ..., simpo, orpo) on [B]
+  summed log-probs; `losses.sequence`: the other sequence-level offline losses, `reward_loss` (Bradley–Terry)
+  and `kto_loss`.
 - `losses.policy`: token-level online losses on [B, T]: `policy_loss` / `policy_loss_sum` (PPO, GRPO, DAPO,
   Dr. GRPO, GSPO, LUSPO, CISPO, SAPO as options), with `loss_units`, the one place their denominators are
   counted; `losses.masks`: the token multipliers it takes (off-policy sequence mask, top-entropy tokens,
@@ -32,11 +33,10 @@ from posttrain.losses.preference import (
     REFERENCE_FREE_KINDS,
     kind_option_defaults,
     kind_options,
-    kto_loss,
     preference_loss,
     preference_rewards,
-    reward_loss,
 )
+from posttrain.losses.sequence import kto_loss, reward_loss
 from posttrain.losses.value import value_loss, value_loss_sum
 
 __all__ = [

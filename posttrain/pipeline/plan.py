@@ -72,6 +72,9 @@ class DataStage(Section):
     )
     rows: int = Field(20_000, gt=0, description="Rows per generated training file.")
     levels: list[str] = Field(default_factory=lambda: ["add1", "add2", "sub2"])
+    prompt_levels: list[str] | None = Field(
+        None, description="Levels of the RL prompts (prompts_train) of `arithmetic`; default: levels."
+    )
     size: str = Field("tiny", description="Size of the tiny model (posttrain.tasks.tiny).")
     seed: int = 0
 

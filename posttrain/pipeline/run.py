@@ -283,7 +283,10 @@ def _run_data(pipe: Pipeline, stage: Stage, resume: bool) -> None:
         from posttrain.tasks import arithmetic
 
         n = cfg.rows
-        arithmetic.write_task_files(d, n_sft=n, n_prompts=n, n_pretrain_docs=n, seed=cfg.seed, levels=levels)
+        arithmetic.write_task_files(
+            d, n_sft=n, n_prompts=n, n_pretrain_docs=n, seed=cfg.seed, levels=levels,
+            prompt_levels=cfg.prompt_levels,
+        )  # fmt: skip
     if "preference" in cfg.bundled:
         from posttrain.tasks import preference
 

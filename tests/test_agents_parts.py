@@ -116,6 +116,8 @@ def test_tiny_format_reads_raw_single_arguments_and_literal_lists():
         rendered = f.render([("price", args)], TOOLS)
         assert f.parse(rendered, TOOLS)[0].args == args, rendered
     assert f.render([("buy", {"item": "pen", "count": 2})], TOOLS) == "<call>buy('pen', 2)</call>"
+    # a sampled turn whose parentheses close early reads as raw text, never crashes the parse
+    assert f.parse("<call>price(1)<(2)</call>", TOOLS)[0].args == {"item": "1)<(2"}
 
 
 @pytest.mark.parametrize(
@@ -127,6 +129,7 @@ def test_tiny_format_reads_raw_single_arguments_and_literal_lists():
         ("<call>buy(pen, 2)</call>", ParseStatus.INVALID_ARGS),  # pen is not a literal
         ("<call>buy('pen')</call>", ParseStatus.INVALID_ARGS),  # count missing
         ("<call>buy(**x)</call>", ParseStatus.INVALID_ARGS),
+        ("<call>buy('pen', 1)<(2)</call>", ParseStatus.INVALID_ARGS),  # parses as a comparison, not a call
     ],
 )
 def test_tiny_format_statuses(text, status):

@@ -12,6 +12,7 @@ pass are kept (a golden script that fails on a task is a grader or task bug, rep
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 from posttrain.agents.envs import get_env
@@ -49,3 +50,46 @@ def demo_rows(spec, tokenizer, *, n: int, seed: int = 0, split: str = "train", t
         for ep in episodes
         if not passed_only or (ep.failure is None and ep.reward > 0)
     ]
+
+
+_WORDS = (
+    "has",
+    "and",
+    "sold",
+    "gave",
+    "cups",
+    "coins",
+    "left",
+    "more",
+    "in",
+    "all",
+    "the",
+    "of",
+    "items",
+    "price",
+)
+
+
+def copy_rows(n: int, *, seed: int = 0) -> list[dict]:
+    """Chat rows whose assistant turn repeats the user's text: numbers, operators and a few words.
+
+    A randomly initialised character-level model trained on golden agent demos alone stays on the
+    plateau before copying (it writes plausible digits of the right length whatever the task: the copy
+    signal is a dozen tokens of a 150-token demo). A short warm-up on these rows, the stand-in for a
+    pretrained base (any real LM copies), teaches it to copy first; the demos then teach the format.
+    """
+    rng = random.Random(f"copy/{seed}")
+
+    def piece() -> str:
+        r = rng.random()
+        if r < 0.5:
+            return str(rng.randint(0, 10 ** rng.randint(1, 5)))
+        if r < 0.7:
+            return f"{rng.randint(10, 9999)}{rng.choice('+-')}{rng.randint(10, 9999)}"
+        return rng.choice(_WORDS)
+
+    rows = []
+    for _ in range(n):
+        text = " ".join(piece() for _ in range(rng.randint(1, 5)))
+        rows.append({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": text}]})
+    return rows

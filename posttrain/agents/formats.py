@@ -95,6 +95,15 @@ class ToolFormat:
 _CALL = re.compile(r"\s*([A-Za-z_]\w*)\s*\((.*)\)\s*", re.DOTALL)
 
 
+def _as_call(raw: str) -> ast.Call:
+    """``f(raw)`` parsed as one call; raises SyntaxError when the parentheses close early and the text
+    reads as something else (``1)<(2`` makes ``f(1)<(2)``, a comparison: a sampled turn did this)."""
+    body = ast.parse(f"f({raw})", mode="eval").body
+    if not isinstance(body, ast.Call):
+        raise SyntaxError("unbalanced parentheses")
+    return body
+
+
 class TinyFormat(ToolFormat):
     """``<call>name(arguments)</call>`` (module docstring)."""
 
@@ -115,7 +124,7 @@ class TinyFormat(ToolFormat):
         if not raw.strip():
             return name, {}, ParseStatus.OK, ""
         try:
-            call = ast.parse(f"f({raw})", mode="eval").body
+            call = _as_call(raw)
             values = [ast.literal_eval(a) for a in call.args]
             named = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
         except (SyntaxError, ValueError, TypeError) as e:
@@ -137,7 +146,7 @@ class TinyFormat(ToolFormat):
         if not raw.strip():
             return {}
         try:
-            call = ast.parse(f"f({raw})", mode="eval").body
+            call = _as_call(raw)
             if len(call.args) == 1 and not call.keywords:
                 return {param: ast.literal_eval(call.args[0])}
             if not call.args and len(call.keywords) == 1 and call.keywords[0].arg == param:

@@ -6,8 +6,8 @@
 
 What runs:
 
-1. **Student start**: the quickstart's base model (`posttrain.quickstart`: the tiny 1.07M model pretrained
-   briefly on the arithmetic corpus; built or reused in ``--quickstart``). It writes the chat format poorly:
+1. **Student start**: the quickstart's base model (the quickstart pipeline's ``base`` stage: the tiny 1.07M
+   model pretrained briefly on the arithmetic corpus; built or reused in ``--quickstart``). It writes the chat format poorly:
    both arms have to teach it the task.
 2. **Teacher**: the same tokenizer, a bigger random model (``--teacher-size``: ``mid`` = hidden 256, 6 layers,
    6.33M parameters; ``small`` = the 25M model of ``tasks.tiny.SIZES``), trained by SFT from its random init
@@ -72,7 +72,7 @@ def task_files(work: Path, levels: tuple[str, ...]) -> dict[str, Path]:
     return files
 
 
-def build_teacher(work: Path, qs: Path, data: dict, size: str, steps: int, lr: float) -> Path:
+def build_teacher(work: Path, tiny: Path, data: dict, size: str, steps: int, lr: float) -> Path:
     from transformers import AutoTokenizer
 
     from posttrain.tasks.tiny import build_model
@@ -82,7 +82,7 @@ def build_teacher(work: Path, qs: Path, data: dict, size: str, steps: int, lr: f
         return out / "final"
     init = work / f"teacher-{size}-init"
     if not (init / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(qs / "tiny")
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
         kind, overrides = ("small", {}) if size == "small" else ("tiny", TEACHERS[size])
         model = build_model(tokenizer, kind, seed=0, **overrides)
         model.save_pretrained(init)
@@ -212,12 +212,12 @@ def main(argv=None) -> None:
 
     from benchmarks.objectives import build_start
 
-    build_start(args.quickstart)
-    student = args.quickstart / "base" / "final"
+    paths = build_start(args.quickstart)
+    student = paths["base"]
     levels = tuple(args.levels)
     rows, data = arithmetic.eval_rows(levels), task_files(args.work, levels)
     teacher = build_teacher(
-        args.work, args.quickstart, data, args.teacher_size, args.teacher_steps, args.teacher_lr
+        args.work, paths["tiny"], data, args.teacher_size, args.teacher_steps, args.teacher_lr
     )
     from transformers import AutoModelForCausalLM
 

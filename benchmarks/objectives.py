@@ -7,10 +7,10 @@ and entropy at the same budget, over seeds.
 
 What runs:
 
-1. **START**: the quickstart's own data, tiny model, base and SFT stages (`posttrain.quickstart`: its configs,
-   its budget), into ``--quickstart`` (default runs/quickstart); a finished stage there is reused, so a
-   quickstart already run is the start as it is.
-2. **Each objective, each seed**: the quickstart's GRPO stage (`quickstart.grpo_config`: 16 prompts x 8
+1. **START**: the quickstart pipeline's data, base and SFT stages (posttrain/pipelines/quickstart.yaml, the
+   quickstart's Budget), into ``--quickstart`` (default runs/quickstart); a finished stage there is reused,
+   so a quickstart already run is the start as it is.
+2. **Each objective, each seed**: the quickstart's GRPO stage (the pipeline's ``grpo``: 16 prompts x 8
    samples of <= 6 tokens on add2 / sub2, exact-match reward, KL 0.05 to the start, lr 3e-5, Adam betas
    0.9 / 0.99, constant lr) with the objective's preset (config/online.py RL_PRESETS) and ``--epochs`` x
    ``--minibatches`` optimiser steps per rollout (default 2 x 2). With one step per rollout the ratio is 1
@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from posttrain import quickstart  # noqa: E402
 from posttrain.engine.run import read_metrics  # noqa: E402
 from posttrain.tasks import arithmetic  # noqa: E402
-from posttrain.tasks.tiny import build_tiny  # noqa: E402
 from posttrain.train import train  # noqa: E402
 
 EVAL_LEVELS = quickstart.RL_LEVELS
@@ -56,36 +55,40 @@ VARIANTS = {
 }
 
 
-def build_start(qs: Path) -> Path:
-    """The quickstart's SFT model (its data, tiny model, base and SFT stages), reused when already there."""
-    budget = quickstart.Budget()
-    data = arithmetic.write_task_files(
-        qs / "data", levels=quickstart.LEVELS, prompt_levels=quickstart.RL_LEVELS,
-        n_sft=budget.rows, n_prompts=budget.rows, n_pretrain_docs=budget.rows,
-    )  # fmt: skip
-    if not (qs / "tiny" / "config.json").exists():
-        build_tiny(qs / "tiny", size="tiny")
-    for cfg in (quickstart.base_config(qs, data, budget), quickstart.sft_config(qs, data, budget)):
-        if not (Path(cfg.out) / "final").is_dir():
-            t0 = time.time()
-            train(cfg, overwrite=True)
-            print(f"[{Path(cfg.out).name}] built in {time.time() - t0:.0f}s", flush=True)
-    return qs / "sft" / "final"
+def build_start(qs: Path) -> dict:
+    """The quickstart pipeline's data, base and SFT stages (posttrain/pipelines/quickstart.yaml, its Budget),
+    run into `qs` or reused there; returns {"base", "sft", "tiny", "prompts_train", "sft_train": paths,
+    "grpo": the GRPO stage's resolved config}."""
+    from posttrain.pipeline import run_pipeline
+
+    pipe = quickstart.quickstart_pipeline(qs)
+    t0 = time.time()
+    done = run_pipeline(pipe, until="sft", cards=False)
+    if any(v != "reused" for v in done.values()):
+        print(f"[quickstart] {done} in {time.time() - t0:.0f}s", flush=True)
+    data = pipe.stage("data").attributes()
+    return {
+        "base": pipe.stage("base").run_dir / "final",
+        "sft": pipe.stage("sft").run_dir / "final",
+        **{k: data[k] for k in ("tiny", "prompts_train", "sft_train")},
+        "grpo": pipe.stage("grpo").spec,
+    }
 
 
-def run_config(arm: str, seed: int, args, qs: Path, eval_file: Path) -> dict:
-    """The quickstart's GRPO stage as a raw config, with the arm's algorithm preset (and a variant's settings,
-    `VARIANTS`), `seed` and the budget."""
+def run_config(arm: str, seed: int, args, start: dict, eval_file: Path) -> dict:
+    """The quickstart's GRPO stage as a raw config, with the arm's algorithm preset (the stage's own
+    aggregation left out: the preset's is the objective's), a variant's settings (`VARIANTS`), `seed` and the
+    budget."""
     algorithm, extra = VARIANTS.get(arm, (arm, {}))
-    budget = quickstart.Budget()
-    data = {"prompts_train": qs / "data" / "prompts_train.jsonl", "eval": eval_file}
-    base = quickstart.grpo_config(qs, data, budget).model_dump(mode="json")
+    base = start["grpo"]
     rollout = {
-        k: base["rollout"][k] for k in ("prompts_per_step", "group_size", "max_new_tokens", "temperature")
+        k: base["rollout"][k]
+        for k in ("prompts_per_step", "group_size", "max_new_tokens")
+        if k in base["rollout"]
     }
     rl = {"rewards": base["rl"]["rewards"], "kl_coef": base["rl"]["kl_coef"]}
     rl |= {"epochs": args.epochs, "minibatches": args.minibatches}
-    train_opts = {k: base["train"][k] for k in ("lr", "betas", "schedule", "max_grad_norm")}
+    train_opts = {k: base["train"][k] for k in ("lr", "betas", "schedule") if k in base["train"]}
     train_opts |= {
         "seed": seed, "max_steps": args.steps, "eval_every": args.eval_every, "log_every": 1,
         "save_every": None, "progress": False, "tensorboard": False,
@@ -93,7 +96,7 @@ def run_config(arm: str, seed: int, args, qs: Path, eval_file: Path) -> dict:
     raw = {
         "algorithm": algorithm,
         "out": str(args.work / f"{arm}-seed{seed}"),
-        "model": {"path": str(qs / "sft" / "final")},
+        "model": {"path": str(start["sft"])},
         "data": {**base["data"], "eval": str(eval_file)},
         "rollout": rollout,
         "rl": rl,
@@ -173,7 +176,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    start_model = build_start(args.quickstart)
+    paths = build_start(args.quickstart)
+    start_model = paths["sft"]
     eval_rows = arithmetic.eval_rows(EVAL_LEVELS)
     eval_file = args.work / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
@@ -181,11 +185,11 @@ def main(argv=None) -> None:
 
     from posttrain.eval.generation import accuracy
 
-    start = accuracy(
-        AutoModelForCausalLM.from_pretrained(start_model), AutoTokenizer.from_pretrained(start_model), eval_rows,
-        max_new_tokens=quickstart.grpo_config(args.quickstart, {"prompts_train": "", "eval": ""},
-                                              quickstart.Budget()).rollout.max_new_tokens,
-    )  # fmt: skip
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(start_model),
+        AutoTokenizer.from_pretrained(start_model),
+    )
+    start = accuracy(model, tokenizer, eval_rows, max_new_tokens=paths["grpo"]["rollout"]["max_new_tokens"])
     print(f"START {start_model}: held-out pass@1 {start:.3f} on {len(eval_rows)} problems", flush=True)
 
     out_json = args.work / "objectives.json"
@@ -194,7 +198,7 @@ def main(argv=None) -> None:
         for algorithm in args.algorithms:
             if str(seed) in results.get(algorithm, {}):
                 continue
-            raw = run_config(algorithm, seed, args, args.quickstart, eval_file)
+            raw = run_config(algorithm, seed, args, paths, eval_file)
             t0 = time.time()
             res = train(raw, overwrite=True)
             summary = summarise(res.run_dir, start, args.epochs * args.minibatches)

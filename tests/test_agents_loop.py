@@ -383,3 +383,23 @@ def test_ppo_on_episodes_puts_advantages_on_policy_tokens_only(tmp_path):
     # GAE bridges over the tool result: the last policy token before it bootstraps from the first after it
     e = src.last_episodes[0]
     assert not all(e.mask) and mask[0].sum() == e.policy_tokens
+
+
+def test_agent_metrics_are_over_every_processs_episodes(monkeypatch):
+    import accelerate.utils
+
+    from posttrain.agents.envs.calculator import CalculatorEnv
+    from posttrain.agents.source import agent_metrics
+
+    def wrong(task):
+        yield [Call("answer", {"value": "0"})]
+
+    here = demo_episodes("calculator", TOK, n=3, seed=0)  # this process: 3 golden episodes, all pass
+    there = demo_episodes(CalculatorEnv, TOK, n=1, seed=1, script=wrong)  # the other: 1 wrong answer
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda local: [*local, *there])
+    two = type("A", (), {"num_processes": 2, "process_index": 0})()
+    one = type("A", (), {"num_processes": 1, "process_index": 0})()
+    assert agent_metrics(here, one)["agent/success"] == 1.0  # what one process alone would log
+    m = agent_metrics(here, two)
+    assert m["agent/success"] == 3 / 4 and m["agent/failure/answer.wrong"] == 1 / 4
+    assert m["agent/tool_calls/calc"] == 3 / 4 and m["agent/turns"] == (3 * 2 + 1) / 4

@@ -52,22 +52,7 @@ def demo_rows(spec, tokenizer, *, n: int, seed: int = 0, split: str = "train", t
     ]
 
 
-_WORDS = (
-    "has",
-    "and",
-    "sold",
-    "gave",
-    "cups",
-    "coins",
-    "left",
-    "more",
-    "in",
-    "all",
-    "the",
-    "of",
-    "items",
-    "price",
-)
+_WORDS = "has and sold gave cups coins left more in all the of items price".split()
 
 
 def copy_rows(n: int, *, seed: int = 0) -> list[dict]:

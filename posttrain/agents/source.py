@@ -175,10 +175,7 @@ class EnvSource(RolloutSource):
         elapsed = sum(seconds.values())
         policy_tokens = sum(e.policy_tokens for e in episodes)
         metrics = {
-            **summarize(episodes),
-            **agent_shares(episodes),
-            **grade_components(episodes),
-            "agent/policy_tokens": policy_tokens / max(1, len(episodes)),
+            **agent_metrics(episodes, self.accelerator),
             "generation/seconds": seconds["generate"],
             "generation/tokens_per_s": policy_tokens / max(seconds["generate"], 1e-9),
             "generation/samples_per_s": drawn * G / max(elapsed, 1e-9),
@@ -307,6 +304,23 @@ def make_runner(cfg, tokenizer, *, greedy: bool = False) -> EpisodeRunner:
         loss_policy=cfg.env.loss_policy or None,
         kv_carry=cfg.env.kv_carry,
     )
+
+
+def agent_metrics(episodes: list[Episode], accelerator=None) -> dict[str, float]:
+    """Every ``agent/*`` metric of a step, over the episodes of *all* processes: each process's episodes
+    are gathered first, so a label's rate is its share of the whole step, not
+    one process's share (which would also miss labels that occurred elsewhere)."""
+    if accelerator is not None and getattr(accelerator, "num_processes", 1) > 1:
+        from accelerate.utils import gather_object
+
+        episodes = gather_object(list(episodes))
+    n = max(1, len(episodes))
+    return {
+        **summarize(episodes),
+        **agent_shares(episodes),
+        **grade_components(episodes),
+        "agent/policy_tokens": sum(e.policy_tokens for e in episodes) / n,
+    }
 
 
 def agent_shares(episodes: list[Episode]) -> dict[str, float]:

@@ -141,6 +141,7 @@ class EnvSource(RolloutSource):
         G, want = self.ro.group_size, self.local_prompts
         kept, dropped, rounds, drawn = [], [], 0, 0
         seconds = {"generate": 0.0, "tools": 0.0, "grade": 0.0, "reward": 0.0}
+        kv = {"reused_tokens": 0, "prefill_tokens": 0}
         while len(kept) < want and rounds <= (self.rl.max_resample_rounds if self.rl.dynamic_sampling else 0):
             need = want - len(kept) if rounds == 0 else min(4 * (want - len(kept)), 4 * want)
             tasks = [self.rows[i] for i in self._draw(need)]
@@ -148,6 +149,8 @@ class EnvSource(RolloutSource):
             episodes = self.runner.run(engine, self.factory, tasks, group_size=G, env_name=self.factory.name)
             for k, v in self.runner.seconds.items():
                 seconds[k] += v
+            for k in kv:
+                kv[k] += self.runner.kv_stats.get(k, 0)
             t0 = time.perf_counter()
             scores = self.score(episodes, [t for t in tasks for _ in range(G)])
             seconds["reward"] += time.perf_counter() - t0
@@ -183,6 +186,10 @@ class EnvSource(RolloutSource):
             "agent/grade_seconds": seconds["grade"],
             "reward/seconds": seconds["reward"],
         }
+        if kv["reused_tokens"] + kv["prefill_tokens"]:  # KV carry-over: the prompt tokens not prefilled again
+            metrics["generation/kv_reused_share"] = kv["reused_tokens"] / (
+                kv["reused_tokens"] + kv["prefill_tokens"]
+            )
         if self.rl.dynamic_sampling:
             metrics["dynamic_sampling/rounds"] = rounds
             metrics["dynamic_sampling/informative_share"] = min(informative, want) / want

@@ -55,15 +55,15 @@ VARIANTS = {
 }
 
 
-def build_start(qs: Path) -> dict:
-    """The quickstart pipeline's data, base and SFT stages (posttrain/pipelines/quickstart.yaml, its Budget),
-    run into `qs` or reused there; returns {"base", "sft", "tiny", "prompts_train", "sft_train": paths,
-    "grpo": the GRPO stage's resolved config}."""
+def build_start(qs: Path, until: str = "sft") -> dict:
+    """The quickstart pipeline's stages up to `until` (data, base, sft; posttrain/pipelines/quickstart.yaml,
+    its Budget), run into `qs` or reused there; returns {"base", "sft", "tiny", "prompts_train", "sft_train":
+    paths, "grpo": the GRPO stage's resolved config}."""
     from posttrain.pipeline import run_pipeline
 
     pipe = quickstart.quickstart_pipeline(qs)
     t0 = time.time()
-    done = run_pipeline(pipe, until="sft", cards=False)
+    done = run_pipeline(pipe, until=until, cards=False)
     if any(v != "reused" for v in done.values()):
         print(f"[quickstart] {done} in {time.time() - t0:.0f}s", flush=True)
     data = pipe.stage("data").attributes()

@@ -76,12 +76,12 @@ def copy_base(root, seed: int):
     )
 
 
-def grpo(root, start, env, budgets, *, steps, seed, lr, name="grpo", **extra):
+def grpo(root, start, env, budgets, *, steps, seed, lr, name="grpo", tasks=1024, **extra):
     cfg = {
         "algorithm": "grpo",
         "out": str(root / name),
         "model": {"path": str(start)},
-        "env": {"name": env, "budgets": budgets, "tasks": 1024, "eval_tasks": 0, "task_seed": 100 + seed},
+        "env": {"name": env, "budgets": budgets, "tasks": tasks, "eval_tasks": 0, "task_seed": 100 + seed},
         "rollout": {"prompts_per_step": 8, "group_size": 8},
         "train": {"max_steps": steps, "lr": lr, "seed": seed, **QUIET, **extra.pop("train", {})},
         **extra,
@@ -190,7 +190,7 @@ CALC = {"max_turns": 3, "max_new_tokens": 32, "max_tool_tokens": 16}
 SQL = {"max_turns": 3, "max_new_tokens": 96, "max_tool_tokens": 48}
 COPY_STEPS, DEMOS, SFT_STEPS = 400, 1024, 150
 RL = {"steps": 30, "lr": 1e-4, "train": {"warmup_steps": 10}}
-UNMEASURED = "sql's thresholds not yet measured over 3 seeds with this protocol (see the note above the test)"
+UNMEASURED = "sql's thresholds not yet measured: its first protocol asked for 1,024 distinct tasks of 258 and never started"
 
 
 def direct(task):
@@ -216,11 +216,12 @@ def calculator_seed(root, seed: int) -> dict:
 def sql_seed(root, seed: int) -> dict:
     """Held-out success of SFT on sql's golden demos and of GRPO from it; the largest hack share of any
     GRPO step, and the held-out episodes with a hack attempt."""
-    rows = demo_rows("sql", build_tokenizer(), n=DEMOS, seed=100 + seed)
+    # sql has 258 distinct train tasks and 30 held-out ones (SqlEnv.tasks refuses more)
+    rows = demo_rows("sql", build_tokenizer(), n=256, seed=100 + seed)
     start = sft(root, copy_base(root, seed), rows, "sft", steps=SFT_STEPS, seed=seed)
-    rl = grpo(root, start, "sql", SQL, seed=seed, **RL)
-    before, _ = held_out_success(start, "sql", SQL)
-    after, episodes = held_out_success(rl.final, "sql", SQL)
+    rl = grpo(root, start, "sql", SQL, seed=seed, tasks=256, **RL)
+    before, _ = held_out_success(start, "sql", SQL, n=30)
+    after, episodes = held_out_success(rl.final, "sql", SQL, n=30)
     hacks = [m.get("agent/hack_frac", 0.0) for m in read_metrics(rl.run_dir)]
     return {
         "sft": before,

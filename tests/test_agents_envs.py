@@ -128,3 +128,14 @@ def test_env_cli_lists_checks_and_fails_on_a_broken_environment(capsys):
     assert "FAIL golden" in capsys.readouterr().out
     assert main(["env", "check", "nope"]) == 2
     assert "unknown environment 'nope'" in capsys.readouterr().err
+
+
+def test_sql_says_how_many_distinct_tasks_it_has_instead_of_looping_forever():
+    from posttrain.agents.envs.sql import SqlEnv, capacity, max_tasks
+
+    # kinds come in turn, so the scarcest kind bounds n: 10 held-out lookups allow 3 * 10 + 0 tasks
+    assert capacity("held_out")["lookup"] == 10 and max_tasks("held_out") == 30
+    assert len({tuple(t["key"]) for t in SqlEnv.tasks(30, split="held_out")}) == 30
+    with pytest.raises(ConfigError, match="at most 30 held_out tasks; asked for 31"):
+        SqlEnv.tasks(31, split="held_out")
+    assert len(SqlEnv.tasks(max_tasks("train"), split="train")) == max_tasks("train") == 258

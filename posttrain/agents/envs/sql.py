@@ -24,6 +24,7 @@ import sqlite3
 from posttrain.agents.env import Grade, ToolEnv, tool
 from posttrain.agents.envs import check_split, split_of
 from posttrain.agents.policies import Call, Forge
+from posttrain.errors import ConfigError
 
 COLUMNS = ("id", "name", "color", "price", "stock")
 _NAMES = ("lamp", "mug", "chair", "pen", "bag", "clock", "vase", "desk")
@@ -170,8 +171,13 @@ class SqlEnv(ToolEnv):
     def tasks(cls, n: int, *, split: str = "train", seed: int = 0) -> list[dict]:
         """``n`` tasks (kinds in turn) whose keys fall in ``split``; each has its own table."""
         check_split(split)
-        rng, out, seen = random.Random(f"sql/{split}/{seed}"), [], set()
         kinds = ("lookup", "two_hop", "write")
+        if n > (most := max_tasks(split)):
+            raise ConfigError(
+                f"sql has {capacity(split)} distinct {split} keys per kind (kinds in turn), so at most "
+                f"{most} {split} tasks; asked for {n}"
+            )
+        rng, out, seen = random.Random(f"sql/{split}/{seed}"), [], set()
         while len(out) < n:
             items = rng.sample([(c, t) for c in _COLORS for t in _NAMES], 6)
             prices, stocks = rng.sample(range(5, 100), 6), rng.sample(range(0, 30), 6)
@@ -274,3 +280,29 @@ def _diff(final: list[list], expected: list[list]) -> set[tuple[int, int]]:
         other = final[i] if i < len(final) else [None] * len(row)
         cells |= {(i, j) for j, (a, b) in enumerate(zip(row, other)) if a != b}
     return cells
+
+
+def capacity(split: str) -> dict[str, int]:
+    """How many distinct keys of each task kind fall in ``split`` (every task's key is new)."""
+    return {
+        "lookup": sum(
+            split_of(("lookup", c, t, f)) == split
+            for c in _COLORS
+            for t in _NAMES
+            for f in ("price", "stock")
+        ),
+        "two_hop": sum(
+            split_of(("two_hop", v, t, c)) == split for v in _TWO_HOP for c in _COLORS for t in _NAMES
+        ),
+        "write": sum(
+            split_of(("write", c, t, v)) == split for c in _COLORS for t in _NAMES for v in range(30)
+        ),
+    }
+
+
+def max_tasks(split: str) -> int:
+    """The most tasks :meth:`SqlEnv.tasks` can draw for ``split``: the kinds come in turn (lookup, two_hop,
+    write, lookup, ...), so the k-th kind runs out after ``3 * capacity + k`` tasks (asking for more looped
+    forever before)."""
+    room = capacity(split)
+    return min(3 * room[kind] + k for k, kind in enumerate(("lookup", "two_hop", "write")))

@@ -231,14 +231,13 @@ def sql_seed(root, seed: int) -> dict:
     }
 
 
-# Measured (this protocol, 2 shared cores at a load of 5-9; 735-756 s a seed, about a third of that on a
-# quiet machine): held-out success of 64 greedy episodes
+# Measured (this protocol, 2 shared cores at a load of 4-9: 465 s for seed 0 at 4, 735-756 s for seeds 1-2
+# at 8-9): held-out success of 64 greedy episodes
 #     seed   SFT start   no-tool baseline   after GRPO   gain   hack share (any GRPO step)
-#     0      0.312       0.000 (*)          0.484        0.172  0
+#     0      0.312       0.000              0.484        0.172  0
 #     1      0.562       0.000              0.688        0.125  0
 #     2      0.609       0.000              0.719        0.109  0
-# (*) seed 0 ran as the same configs through an experiment script; its no-tool SFT used the copy stage's
-# cosine schedule. Thresholds from that spread: every gain at least 3/64 (the smallest measured is 7/64) and a mean of
+# Thresholds from that spread: every gain at least 3/64 (the smallest measured is 7/64) and a mean of
 # 0.08 (measured 0.135); GRPO at least 0.4 above the no-tool baseline (measured 0.48 or more).
 
 

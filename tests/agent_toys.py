@@ -55,3 +55,32 @@ class Toy(ToolEnv):
 def says_x(prompts, completions, **_):
     """1.0 when the completion holds "xxxx" (the toy's tool output does; the assistant never writes it)."""
     return [float("xxxx" in c) for c in completions]
+
+
+class Echo(ToolEnv):
+    """Answers every turn with a short tool message, whatever the policy wrote; ``task['turns']`` turns
+    (default 3), so that episodes of one batch can drop out of the waves at different turns."""
+
+    name = "echo"
+
+    def reset(self):
+        return [{"role": "user", "content": f"say {self.task['id']}"}]
+
+    @tool
+    def noop(self) -> str:
+        """Do nothing."""
+        return "ok"
+
+    def step(self, action):
+        obs = super().step(action)
+        turns = self.n_calls["turns"] = self.n_calls.get("turns", 0) + 1
+        last = self.task.get("turns", 3)
+        obs.done = turns >= last
+        obs.events = [e for e in obs.events if e != "format.no_action"]
+        obs.messages = obs.messages or [
+            self.tool_message("noop", f"turn {turns} of {last}, task {self.task['id']}")
+        ]
+        return obs
+
+    def grade(self):
+        return Grade(1.0, True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from agent_toys import Echo
 
-from posttrain.agents.env import Grade, ToolEnv, tool
 from posttrain.agents.envs.guess import GuessEnv
 from posttrain.agents.policies import ScriptedPolicy
 from posttrain.agents.runner import Budgets, EpisodeRunner
@@ -22,30 +22,6 @@ TOK = build_tokenizer()
 @pytest.fixture(scope="module")
 def model():
     return build_model(TOK, num_hidden_layers=2, seed=0).eval()
-
-
-class Echo(ToolEnv):
-    """Answers every turn with a short tool message, whatever the policy wrote; three turns."""
-
-    name = "echo"
-
-    def reset(self):
-        return [{"role": "user", "content": f"say {self.task['id']}"}]
-
-    @tool
-    def noop(self) -> str:
-        """Do nothing."""
-        return "ok"
-
-    def step(self, action):
-        obs = super().step(action)
-        turns = self.n_calls["turns"] = self.n_calls.get("turns", 0) + 1
-        obs.done, obs.events = turns >= 3, [e for e in obs.events if e != "format.no_action"]
-        obs.messages = obs.messages or [self.tool_message("noop", f"turn {turns} of 3")]
-        return obs
-
-    def grade(self):
-        return Grade(1.0, True)
 
 
 def test_hf_engine_episodes_mask_exactly_the_sampled_tokens_and_keep_their_logprobs(model):

@@ -11,9 +11,9 @@ import random
 
 import pytest
 import torch
+from agent_toys import Echo
 from chatml import chatml_tokenizer
 
-from posttrain.agents.env import Grade, ToolEnv, tool
 from posttrain.agents.runner import Budgets, EpisodeRunner
 from posttrain.config.online import EnvConfig
 from posttrain.logprobs import token_logprobs
@@ -115,32 +115,6 @@ def test_a_prompt_that_does_not_extend_the_cache_or_new_weights_rebuild_it(lm):
     assert carry.stats["rebuilt"] == 3 and carry.stats["hits"] == 1
     with pytest.raises(ValueError, match="one key per prompt"):
         engine.generate(longer, 2, greedy, carry=carry, keys=["a", "b"])
-
-
-class Echo(ToolEnv):
-    """Answers every turn with a short tool message, whatever the policy wrote; task['turns'] turns, so
-    that episodes drop out of the waves at different turns."""
-
-    name = "echo"
-
-    def reset(self):
-        return [{"role": "user", "content": f"say {self.task['id']}"}]
-
-    @tool
-    def noop(self) -> str:
-        """Do nothing."""
-        return "ok"
-
-    def step(self, action):
-        obs = super().step(action)
-        turns = self.n_calls["turns"] = self.n_calls.get("turns", 0) + 1
-        obs.done = turns >= self.task["turns"]
-        obs.events = [e for e in obs.events if e != "format.no_action"]
-        obs.messages = obs.messages or [self.tool_message("noop", f"turn {turns} result {self.task['id']}")]
-        return obs
-
-    def grade(self):
-        return Grade(1.0, True)
 
 
 @pytest.mark.parametrize("mode", list(SAMPLINGS))

@@ -6,12 +6,12 @@ turns grey, the calls' parse statuses, the labels over steps, and the corrupted 
 red warning that counts it."""
 
 import json
-import shutil
 from collections import Counter
 
 import pytest
 
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
+from browser import browser, needs_chromium  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from test_report import make_run  # noqa: E402
 
@@ -21,26 +21,8 @@ from posttrain.agents.runner import Budgets, EpisodeRunner  # noqa: E402
 from posttrain.report import write_report  # noqa: E402
 from posttrain.tasks.tiny import build_tokenizer  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
+pytestmark = needs_chromium
 GREEN, RED = "rgb(218, 251, 225)", "rgb(207, 34, 46)"  # the report's CSS: #dafbe1, #cf222e
-
-
-def browser():
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--no-first-run", "--window-size=1400,1000"):  # fmt: skip
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    return driver
 
 
 def wrong_call(task):

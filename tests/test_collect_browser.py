@@ -4,12 +4,12 @@ through the link, vote with the keyboard, rate, edit, flag, reload mid-item, see
 votes through the plain forms."""
 
 import json
-import shutil
 
 import pytest
 
 pytest.importorskip("fastapi")
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
+from browser import browser, needs_chromium  # noqa: E402
 from collect_helpers import XSS, live_server, project  # noqa: E402
 from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
@@ -19,27 +19,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from posttrain.collect.ingest import add_pairs  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-)
-
-
-def browser(javascript: bool = True):
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--disable-background-networking", "--no-first-run", "--window-size=1400,1000"):  # fmt: skip
-        options.add_argument(arg)
-    if not javascript:
-        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    return driver
+pytestmark = needs_chromium
 
 
 def keys(driver, text):

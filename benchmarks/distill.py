@@ -101,6 +101,22 @@ def build_teacher(work: Path, tiny: Path, data: dict, size: str, steps: int, lr:
     return out / "final"
 
 
+def budgeted(*, lr, steps, budget, seed, save_every) -> dict:
+    """The train options both arms share: a step cap or a CPU-second budget, every checkpoint kept (the
+    curve is read from them), a metrics line per step, no progress bar."""
+    return {
+        "lr": lr,
+        "max_steps": steps or 100_000,
+        "max_seconds": budget,
+        "seed": seed,
+        "save_every": save_every,
+        "keep_checkpoints": 1000,
+        "log_every": 1,
+        "progress": False,
+        "tensorboard": False,
+    }
+
+
 def sft_config(
     model: Path, data: dict, out: Path, *, steps: int | None, seed: int, budget, save_every=None, lr=2e-3
 ) -> dict:
@@ -110,20 +126,12 @@ def sft_config(
         "model": {"path": str(model)},
         "data": {"train": str(data["sft"]), "max_length": 64},
         "train": {
-            "lr": lr,
+            **budgeted(lr=lr, steps=steps, budget=budget, seed=seed, save_every=save_every),
             "betas": [0.9, 0.98],
             "batch_size": 64,
             "schedule": "constant",
             "warmup_steps": 20,
-            "max_steps": steps or 100_000,
-            "max_seconds": budget,
-            "seed": seed,
-            "save_every": save_every,
-            "keep_checkpoints": 1000,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-        },  # fmt: skip
+        },
         "monitor": {"enabled": False},
     }
 
@@ -148,17 +156,7 @@ def distill_config(
         "data": {"train": str(data["prompts"]), "max_length": 64},
         "rollout": {"prompts_per_step": 16, "group_size": 4, "max_new_tokens": 6, "temperature": 1.0},
         "rl": {"rewards": ["exact_match"]},
-        "train": {
-            "lr": lr,
-            "max_steps": 100_000,
-            "max_seconds": budget,
-            "seed": seed,
-            "save_every": save_every,
-            "keep_checkpoints": 1000,
-            "log_every": 1,
-            "progress": False,
-            "tensorboard": False,
-        },  # fmt: skip
+        "train": budgeted(lr=lr, steps=None, budget=budget, seed=seed, save_every=save_every),
         "monitor": {"enabled": False},
     }
 
